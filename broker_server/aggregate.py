@@ -1,0 +1,64 @@
+"""Aggregation math: pure numpy, no I/O.
+
+FedAvg weights every update by its example count. :class:`WeightedMean` folds updates in one at a
+time, so memory is one float64 accumulator per tensor whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+Tensors = dict[str, np.ndarray]
+
+
+class WeightedMean:
+    """Streaming weighted mean of tensor sets: ``sum(w_i * t_i) / sum(w_i)``."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if self._sums and set(tensors) != set(self._sums):
+            raise ValueError("tensor names differ from earlier updates")
+        for name, value in tensors.items():
+            acc = self._sums.get(name)
+            if acc is None:
+                # in-place ops only: ``array * w`` turns a 0-d array into a numpy scalar
+                acc = np.array(value, dtype=np.float64)
+                acc *= weight
+                self._sums[name] = acc
+            elif acc.shape != value.shape:
+                raise ValueError(f"tensor {name!r}: shape {value.shape} != {acc.shape}")
+            else:
+                np.add(acc, np.asarray(value, dtype=np.float64) * weight, out=acc)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> Tensors:
+        if self.count == 0:
+            raise ValueError("no updates were added")
+        return {name: (acc / self.total_weight).astype(np.float32) for name, acc in self._sums.items()}
+
+
+def weighted_mean(updates: Iterable[tuple[Mapping[str, np.ndarray], float]]) -> Tensors:
+    """Weighted mean of ``(tensors, weight)`` pairs (convenience over :class:`WeightedMean`)."""
+    mean = WeightedMean()
+    for tensors, weight in updates:
+        mean.add(tensors, weight)
+    return mean.result()
+
+
+def apply_delta(
+    weights: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], *, server_lr: float = 1.0
+) -> Tensors:
+    """New global weights: ``w + server_lr * delta`` for tensors in ``delta``, others unchanged."""
+    out = {name: np.array(value) for name, value in weights.items()}
+    for name, step in delta.items():
+        out[name] = (out[name] + server_lr * step).astype(out[name].dtype)
+    return out

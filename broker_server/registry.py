@@ -1,0 +1,42 @@
+"""Which devices exist and which are online, learned from their retained status messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_agent.protocol.messages import StatusMessage
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    online: bool
+    bundle_digest: str
+    num_examples: int
+    agent_version: str
+    last_seen: float
+
+
+class DeviceRegistry:
+    def __init__(self) -> None:
+        self._devices: dict[str, DeviceRecord] = {}
+
+    def observe(self, status: StatusMessage, now: float) -> None:
+        self._devices[status.device_id] = DeviceRecord(
+            device_id=status.device_id,
+            online=status.online,
+            bundle_digest=status.bundle_digest,
+            num_examples=status.num_examples,
+            agent_version=status.agent_version,
+            last_seen=now,
+        )
+
+    def eligible(self, bundle_digest: str) -> list[str]:
+        """Online devices that hold the bundle the server trains, sorted for reproducible sampling."""
+        return sorted(d.device_id for d in self._devices.values() if d.online and d.bundle_digest == bundle_digest)
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        return self._devices.get(device_id)
+
+    def __len__(self) -> int:
+        return len(self._devices)

@@ -1,0 +1,100 @@
+"""One synchronous round's bookkeeping: which tasks are open, which updates were accepted.
+
+Pure logic with no I/O, so every acceptance rule is unit-testable: an update is folded into the
+streaming mean at most once, only for a task this round issued to that very device, and only
+when every tensor has the model's shape and finite values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from broker_server.aggregate import WeightedMean
+from edge_agent.errors import ContractViolation
+from edge_agent.protocol.manifest import TensorSpec
+from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
+
+#: An update claiming more examples than this is rejected (protects the weighting).
+MAX_EXAMPLES_PER_UPDATE = 10_000_000
+
+
+def validate_delta(delta: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
+    """Raise :class:`ContractViolation` unless ``delta`` matches ``specs`` exactly and is finite."""
+    expected = {s.name: s for s in specs}
+    missing = sorted(set(expected) - set(delta))
+    unexpected = sorted(set(delta) - set(expected))
+    if missing or unexpected:
+        raise ContractViolation(
+            f"update tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, spec in expected.items():
+        value = delta[name]
+        if tuple(value.shape) != spec.shape:
+            raise ContractViolation(f"tensor {name!r} has shape {list(value.shape)}, model has {list(spec.shape)}")
+        if value.dtype.name != spec.dtype:
+            raise ContractViolation(f"tensor {name!r} has dtype {value.dtype.name}, model has {spec.dtype}")
+        if not np.isfinite(value).all():
+            raise ContractViolation(f"tensor {name!r} contains NaN or infinity")
+
+
+@dataclass
+class RoundState:
+    round: int
+    model_version: int
+    #: task id -> device id, for every task this round issued
+    tasks: dict[str, str]
+    specs: tuple[TensorSpec, ...]
+    mean: WeightedMean = field(default_factory=WeightedMean)
+    accepted: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    duplicates: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.accepted) + len(self.failed) >= len(self.tasks)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.mean.total_weight)
+
+    def _check_task(self, device_id: str, task_id: str, round_: int) -> bool:
+        """True if new; False for a duplicate; raises for anything not issued to this device."""
+        if round_ != self.round:
+            raise ContractViolation(f"result for round {round_}, current round is {self.round}")
+        owner = self.tasks.get(task_id)
+        if owner is None:
+            raise ContractViolation(f"unknown task id {task_id!r}")
+        if owner != device_id:
+            raise ContractViolation(f"task {task_id!r} was issued to {owner!r}, not {device_id!r}")
+        if task_id in self.accepted or task_id in self.failed:
+            self.duplicates += 1
+            return False
+        return True
+
+    def accept_update(self, update: UpdateMessage) -> bool:
+        """Fold ``update`` into the mean. False if it is a duplicate; raises if unacceptable."""
+        if not self._check_task(update.device_id, update.task_id, update.round):
+            return False
+        if update.model_version != self.model_version:
+            raise ContractViolation(f"update is based on model v{update.model_version}, task was v{self.model_version}")
+        if update.num_examples > MAX_EXAMPLES_PER_UPDATE:
+            raise ContractViolation(f"num_examples {update.num_examples} > {MAX_EXAMPLES_PER_UPDATE}")
+        validate_delta(update.delta, self.specs)
+        self.mean.add(update.delta, float(update.num_examples))
+        for key, value in update.metrics.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value * update.num_examples
+        self.accepted.add(update.task_id)
+        return True
+
+    def record_error(self, error: ErrorMessage) -> bool:
+        if not self._check_task(error.device_id, error.task_id, error.round):
+            return False
+        self.failed[error.task_id] = f"{error.code}: {error.reason}"
+        return True
+
+    def mean_metrics(self) -> dict[str, float]:
+        total = self.mean.total_weight
+        return {key: value / total for key, value in self.metric_sums.items()} if total else {}

@@ -1,0 +1,309 @@
+"""The synchronous FedAvg server: sample devices, send tasks, collect updates, aggregate.
+
+All traffic goes through one :class:`Transport`; the clock and randomness are injected. Bad
+messages are logged with a reason and counted in :attr:`FederatedServer.rejections`; they never
+stop the server and never disturb updates already accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from broker_server.aggregate import apply_delta
+from broker_server.registry import DeviceRegistry
+from broker_server.rounds import RoundState
+from broker_server.store import ModelStore
+from edge_agent.errors import ConfigError, ProtocolError
+from edge_agent.protocol.messages import (
+    ErrorMessage,
+    StatusMessage,
+    TaskMessage,
+    UpdateMessage,
+    decode_message,
+    encode_message,
+)
+from edge_agent.protocol.topics import RESULTS, STATUS, Topics
+from edge_agent.runtime.bundle import Bundle
+from edge_agent.runtime.trainer import EvalResult
+from edge_agent.transport.base import InboundMessage, Transport
+
+log = logging.getLogger("fedflock.server")
+
+Tensors = dict[str, np.ndarray]
+Evaluator = Callable[[Tensors], EvalResult]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    rounds: int = 20
+    clients_per_round: int = 10
+    #: A round starts once this many eligible devices are online ...
+    min_clients: int = 2
+    #: ... waiting at most this long for them.
+    wait_for_clients_s: float = 60.0
+    #: A round is abandoned (model unchanged) with fewer updates than this by the deadline.
+    min_reports: int = 1
+    round_timeout_s: float = 60.0
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    server_lr: float = 1.0
+    seed: int = 0
+    topics: Topics = Topics()
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("rounds, clients_per_round, local_epochs and batch_size must be >= 1")
+        if not self.min_clients >= 1:
+            raise ConfigError("min_clients must be >= 1")
+        if not 1 <= self.min_reports <= self.clients_per_round:
+            raise ConfigError("min_reports must be between 1 and clients_per_round")
+        if self.round_timeout_s <= 0 or self.lr <= 0:
+            raise ConfigError("round_timeout_s and lr must be positive")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    device_id: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    model_version: int
+    selected: int
+    reported: int
+    failed: int
+    num_examples: int
+    duration_s: float
+    completed: bool
+    reason: str = ""
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+
+
+class FederatedServer:
+    def __init__(
+        self,
+        transport: Transport,
+        bundle: Bundle,
+        config: ServerConfig,
+        *,
+        out_dir: str | Path | None = None,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.registry = DeviceRegistry()
+        self.rejections: deque[Rejection] = deque(maxlen=1000)
+        self.results: list[RoundResult] = []
+        self.model_version = 0
+        self.weights: Tensors = {}
+        self._transport = transport
+        self._evaluator = evaluator
+        self._clock = clock
+        self._rng = rng or random.Random(config.seed)
+        self._out = Path(out_dir) if out_dir is not None else None
+        self._store = ModelStore(self._out / "models") if self._out is not None else None
+        self._round: RoundState | None = None
+        #: The evaluation of version 0, when an evaluator is given.
+        self.baseline: EvalResult | None = None
+
+    def start(self, weights: Tensors | None = None) -> None:
+        """Connect, subscribe and store version 0 (the bundle's initial weights by default)."""
+        self.weights = weights if weights is not None else self.bundle.initial_weights()
+        topics = self.config.topics
+        self._transport.start()
+        self._transport.subscribe(topics.all_devices(STATUS), qos=1)
+        self._transport.subscribe(topics.all_devices(RESULTS), qos=1)
+        if self._evaluator is not None:
+            self.baseline = self._evaluator(self.weights)
+        if self._store is not None:
+            self._store.save(0, self.weights, {"parent": None, "bundle_digest": self.bundle.digest})
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
+        for number in range(1, self.config.rounds + 1):
+            result = self.run_round(number)
+            if on_round is not None:
+                on_round(result)
+        return self.results
+
+    # -- one round -------------------------------------------------------------------------------
+
+    def run_round(self, number: int) -> RoundResult:
+        started = self._clock()
+        eligible = self.wait_for_devices(self.config.min_clients, self.config.wait_for_clients_s)
+        if len(eligible) < self.config.min_clients:
+            return self._finish(
+                RoundResult(
+                    number,
+                    self.model_version,
+                    0,
+                    0,
+                    0,
+                    0,
+                    self._clock() - started,
+                    False,
+                    f"only {len(eligible)} eligible devices online, need {self.config.min_clients}",
+                )
+            )
+        selected = self._rng.sample(eligible, min(self.config.clients_per_round, len(eligible)))
+        state = RoundState(
+            round=number,
+            model_version=self.model_version,
+            specs=self.bundle.manifest.aggregated_tensors,
+            tasks={f"r{number}-{uuid.uuid4().hex[:12]}": d for d in selected},
+        )
+        self._round = state
+        for task_id, device_id in state.tasks.items():
+            self._send_task(number, task_id, device_id)
+        deadline = started + self.config.round_timeout_s
+        while not state.finished and self._clock() < deadline:
+            self._pump(min(0.25, max(deadline - self._clock(), 0.0)))
+        self._round = None
+        duration = self._clock() - started
+        reported = len(state.accepted)
+        if reported < self.config.min_reports:
+            return self._finish(
+                RoundResult(
+                    number,
+                    self.model_version,
+                    len(selected),
+                    reported,
+                    len(state.failed),
+                    state.num_examples,
+                    duration,
+                    False,
+                    f"{reported} updates by the deadline, need {self.config.min_reports}",
+                )
+            )
+        self.weights = apply_delta(self.weights, state.mean.result(), server_lr=self.config.server_lr)
+        self.model_version += 1
+        test = self._evaluator(self.weights) if self._evaluator is not None else None
+        result = RoundResult(
+            number,
+            self.model_version,
+            len(selected),
+            reported,
+            len(state.failed),
+            state.num_examples,
+            duration,
+            True,
+            "",
+            state.mean_metrics(),
+            test.loss if test else None,
+            test.accuracy if test else None,
+        )
+        if self._store is not None:
+            self._store.save(
+                self.model_version,
+                self.weights,
+                {"parent": self.model_version - 1, "round": number, "metrics": asdict(result)},
+            )
+        return self._finish(result)
+
+    def _finish(self, result: RoundResult) -> RoundResult:
+        self.results.append(result)
+        if result.completed:
+            log.info(
+                "round %d: v%d from %d/%d updates (%d examples), test accuracy %s, %.1fs",
+                result.round,
+                result.model_version,
+                result.reported,
+                result.selected,
+                result.num_examples,
+                "n/a" if result.test_accuracy is None else f"{result.test_accuracy:.4f}",
+                result.duration_s,
+            )
+        else:
+            log.warning("round %d abandoned: %s", result.round, result.reason)
+        if self._out is not None:
+            self._out.mkdir(parents=True, exist_ok=True)
+            with open(self._out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(asdict(result)) + "\n")
+        return result
+
+    def _send_task(self, number: int, task_id: str, device_id: str) -> None:
+        task = TaskMessage(
+            device_id=device_id,
+            round=number,
+            task_id=task_id,
+            model_version=self.model_version,
+            bundle_digest=self.bundle.digest,
+            epochs=self.config.local_epochs,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            deadline_s=self.config.round_timeout_s,
+            weights=self.weights,
+        )
+        self._transport.publish(self.config.topics.tasks(device_id), encode_message(task), qos=1)
+
+    # -- inbound messages ------------------------------------------------------------------------
+
+    def wait_for_devices(self, count: int, timeout_s: float) -> list[str]:
+        """Process inbound messages until ``count`` eligible devices are online or time runs out."""
+        deadline = self._clock() + timeout_s
+        while len(eligible := self.registry.eligible(self.bundle.digest)) < count and self._clock() < deadline:
+            self._pump(min(0.25, max(deadline - self._clock(), 0.0)))
+        return eligible
+
+    def _pump(self, timeout: float) -> None:
+        inbound = self._transport.receive(timeout=timeout)
+        while inbound is not None:
+            self.handle(inbound)
+            inbound = self._transport.receive(timeout=0)
+
+    def handle(self, inbound: InboundMessage) -> None:
+        """Dispatch one inbound message; anything unacceptable is logged and counted, never raised."""
+        device_id = "?"
+        try:
+            device_id, kind = self.config.topics.parse(inbound.topic)
+            if kind == STATUS and not inbound.payload:
+                return  # a cleared retained status
+            message = decode_message(inbound.payload)
+            if message.device_id != device_id:
+                raise ProtocolError(f"message from {message.device_id!r} published on {device_id!r}'s topic")
+            self._dispatch(kind, message)
+        except ProtocolError as exc:
+            self.rejections.append(Rejection(device_id, exc.code, exc.reason))
+            log.warning("rejected message from %s on %s (%s): %s", device_id, inbound.topic, exc.code, exc.reason)
+
+    def _dispatch(self, kind: str, message: object) -> None:
+        if kind == STATUS and isinstance(message, StatusMessage):
+            self.registry.observe(message, self._clock())
+        elif kind == RESULTS and isinstance(message, UpdateMessage | ErrorMessage):
+            state = self._round
+            if state is None:
+                raise ProtocolError(f"result for round {message.round} arrived while no round is open")
+            if isinstance(message, UpdateMessage):
+                if not state.accept_update(message):
+                    log.info("duplicate update for task %s from %s ignored", message.task_id, message.device_id)
+            else:
+                state.record_error(message)
+                log.warning(
+                    "device %s failed task %s (%s): %s",
+                    message.device_id,
+                    message.task_id,
+                    message.code,
+                    message.reason,
+                )
+        else:
+            raise ProtocolError(f"{type(message).__name__} is not valid on a {kind} topic")

@@ -1,0 +1,71 @@
+"""fedflock's exception hierarchy.
+
+Every error fedflock raises on purpose derives from :class:`FedflockError` and carries a
+stable, machine-readable ``code`` (used in logs, telemetry and ERROR messages on the wire).
+Third-party errors (onnxruntime, paho, OS errors) are translated at the boundary with
+``raise X from exc`` so callers only ever need to catch these types::
+
+    FedflockError
+    ├── ConfigError              bad configuration or command-line input
+    ├── ProtocolError            anything wrong with a message on the wire
+    │   ├── MalformedMessage     truncated, bad magic, bad lengths, bad header
+    │   ├── UnsupportedVersion   a format version this code does not speak
+    │   └── ContractViolation    well-formed but not acceptable (wrong shape, unknown task, ...)
+    ├── BundleError              a training bundle that cannot be used
+    │   └── IntegrityError       a file's sha256 does not match the manifest (or is missing)
+    ├── TrainingError            onnxruntime failed or produced non-finite values
+    ├── TransportError           the broker could not be reached or did not acknowledge
+    └── ExportError              a PyTorch model could not be turned into a bundle
+"""
+
+from __future__ import annotations
+
+
+class FedflockError(Exception):
+    """Base class for every error fedflock raises on purpose."""
+
+    code = "fedflock_error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConfigError(FedflockError):
+    code = "config_error"
+
+
+class ProtocolError(FedflockError):
+    code = "protocol_error"
+
+
+class MalformedMessage(ProtocolError):
+    code = "malformed_message"
+
+
+class UnsupportedVersion(ProtocolError):
+    code = "unsupported_version"
+
+
+class ContractViolation(ProtocolError):
+    code = "contract_violation"
+
+
+class BundleError(FedflockError):
+    code = "bundle_error"
+
+
+class IntegrityError(BundleError):
+    code = "integrity_error"
+
+
+class TrainingError(FedflockError):
+    code = "training_error"
+
+
+class TransportError(FedflockError):
+    code = "transport_error"
+
+
+class ExportError(FedflockError):
+    code = "export_error"

@@ -1,0 +1,5 @@
+import sys
+
+from fedflock.cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""The ``fedflock`` command: ``agent``, ``broker``, ``export``, ``demo``.
+
+This tiny top-level package exists so that one console script can reach all three packages
+without ``edge_agent`` importing the other two. Each subcommand imports its package only when
+it runs, so ``fedflock agent`` works on a device that has only the ``agent`` extra (no torch).
+Arguments are parsed once, here, into frozen config dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from edge_agent.errors import FedflockError
+
+log = logging.getLogger("fedflock")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,8, got {text!r}") from exc
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedflock", description="Federated learning for edge devices.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export", help="turn a PyTorch model into an on-device training bundle")
+    exp.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. model_export.models:digits_cnn")
+    exp.add_argument("--input-shape", type=_shape, required=True, metavar="C,H,W")
+    exp.add_argument("--num-classes", type=int, required=True)
+    exp.add_argument("--loss", default="cross_entropy")
+    exp.add_argument("--optimizer", default="sgd")
+    exp.add_argument("--lr", type=float, default=0.05)
+    exp.add_argument("--momentum", type=float, default=0.9)
+    exp.add_argument("--weight-decay", type=float, default=0.0)
+    exp.add_argument("--out", type=Path, required=True)
+
+    agent = sub.add_parser("agent", help="run the device agent")
+    agent.add_argument("--bundle", type=Path, required=True, help="training bundle directory")
+    agent.add_argument("--data", type=Path, required=True, help=".npz file with arrays x and y")
+    agent.add_argument("--device-id", required=True)
+    agent.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    agent.add_argument("--topic-prefix", default="fedflock/v1")
+    agent.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    agent.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
+    agent.add_argument("--seed", type=int, default=0)
+
+    broker = sub.add_parser("broker", help="run the aggregation server")
+    broker.add_argument("--bundle", type=Path, required=True)
+    broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    broker.add_argument("--topic-prefix", default="fedflock/v1")
+    broker.add_argument("--rounds", type=int, default=20)
+    broker.add_argument("--clients-per-round", type=int, default=10)
+    broker.add_argument("--min-clients", type=int, default=2)
+    broker.add_argument("--min-reports", type=int, default=1)
+    broker.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    broker.add_argument("--wait-for-clients", type=float, default=300.0, help="seconds")
+    broker.add_argument("--local-epochs", type=int, default=2)
+    broker.add_argument("--batch-size", type=int, default=16)
+    broker.add_argument("--lr", type=float, default=0.05)
+    broker.add_argument("--seed", type=int, default=0)
+    broker.add_argument("--test-data", type=Path, default=None, help=".npz held-out set for evaluation")
+    broker.add_argument("--out", type=Path, default=Path("fedflock-server"))
+
+    demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
+    demo.add_argument("--devices", type=int, default=20)
+    demo.add_argument("--per-round", type=int, default=10)
+    demo.add_argument("--rounds", type=int, default=20)
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID concentration")
+    demo.add_argument("--local-epochs", type=int, default=2)
+    demo.add_argument("--lr", type=float, default=0.05)
+    demo.add_argument("--mqtt-url", default=None, help="use this broker instead of the embedded one")
+    demo.add_argument("--topic-prefix", default="fedflock/v1")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=Path, default=Path("fedflock-demo"))
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from model_export.exporter import export_bundle, load_factory
+
+    model = load_factory(args.factory)()
+    path = export_bundle(
+        model,
+        input_shape=args.input_shape,
+        num_classes=args.num_classes,
+        out_dir=args.out,
+        loss=args.loss,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+    print(f"bundle written to {path}")
+    return 0
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from edge_agent.agent import Agent, AgentConfig, offline_will
+    from edge_agent.data import load_npz
+    from edge_agent.protocol.topics import Topics
+    from edge_agent.runtime.bundle import Bundle
+    from edge_agent.runtime.trainer import OrtTrainer
+    from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
+
+    topics = Topics(args.topic_prefix)
+    config = AgentConfig(device_id=args.device_id, topics=topics, seed=args.seed, max_tasks=args.max_tasks)
+    host, port = parse_mqtt_url(args.mqtt_url)
+    bundle = Bundle.open(args.bundle)
+    transport = MqttTransport(
+        MqttConfig(host=host, port=port, client_id=args.device_id, will=offline_will(args.device_id, topics))
+    )
+    agent = Agent(config, transport, OrtTrainer.open(bundle, threads=args.threads), load_npz(args.data))
+    stop = _stop_on_signals()
+    agent.start()
+    log.info("agent %s online at %s with %d examples", args.device_id, args.mqtt_url, len(load_npz(args.data)))
+    try:
+        agent.run(stop)
+    finally:
+        agent.close()
+    return 0
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from broker_server.server import FederatedServer, ServerConfig
+    from edge_agent.data import load_npz
+    from edge_agent.protocol.topics import Topics
+    from edge_agent.runtime.bundle import Bundle
+    from edge_agent.runtime.trainer import OrtTrainer
+    from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
+    from fedflock.report import write_metrics
+
+    config = ServerConfig(
+        rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients,
+        min_reports=args.min_reports,
+        round_timeout_s=args.round_timeout,
+        wait_for_clients_s=args.wait_for_clients,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        topics=Topics(args.topic_prefix),
+    )
+    bundle = Bundle.open(args.bundle)
+    evaluator = None
+    if args.test_data is not None:
+        test, trainer = load_npz(args.test_data), OrtTrainer.open(bundle, threads=2)
+        evaluator = lambda w: trainer.evaluate(w, test.x, test.y)  # noqa: E731
+    host, port = parse_mqtt_url(args.mqtt_url)
+    transport = MqttTransport(MqttConfig(host=host, port=port, client_id=f"fedflock-server-{port}"))
+    server = FederatedServer(transport, bundle, config, out_dir=args.out, evaluator=evaluator)
+    server.start()
+    try:
+        results = server.run()
+    finally:
+        server.close()
+    write_metrics(args.out, results, baseline=server.baseline)
+    print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {args.out}")
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from edge_agent.protocol.topics import Topics
+    from fedflock.demo import DemoConfig, run_demo
+
+    if not args.verbose:  # the progress bar and per-round lines say it all
+        for name in ("fedflock.agent", "fedflock.server", "edge_agent.transport"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    report = run_demo(
+        DemoConfig(
+            devices=args.devices,
+            per_round=args.per_round,
+            rounds=args.rounds,
+            alpha=args.alpha,
+            local_epochs=args.local_epochs,
+            lr=args.lr,
+            mqtt_url=args.mqtt_url,
+            topics=Topics(args.topic_prefix),
+            seed=args.seed,
+            out_dir=args.out,
+            progress=not args.no_progress,
+        )
+    )
+    accuracy = report.final_accuracy
+    print(
+        f"final test accuracy {'n/a' if accuracy is None else f'{accuracy:.4f}'} after "
+        f"{len(report.results)} rounds in {report.wall_s:.1f}s"
+    )
+    print(f"metrics: {args.out / 'metrics.csv'}  plot: {args.out / 'accuracy.png'}  models: {args.out / 'models'}")
+    return 0
+
+
+OWN_LOGGERS = ("fedflock", "edge_agent", "broker_server", "model_export")
+COMMANDS = {"export": run_export, "agent": run_agent, "broker": run_broker, "demo": run_demo_command}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Third-party libraries log at WARNING; fedflock's own packages at INFO (DEBUG with -v).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return COMMANDS[args.command](args)
+    except FedflockError as exc:
+        print(f"fedflock {args.command}: error [{exc.code}]: {exc.reason}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: real brokers for integration tests.
+
+Both brokers are session-scoped (starting them per test would dominate the run time), so tests
+must isolate themselves with unique client ids and topic prefixes. A missing Mosquitto is a
+test failure, never a skip: CI must not go green without having exercised a real broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from broker_server.embedded_broker import EmbeddedBroker
+from tests.mosquitto import MosquittoNotInstalled, MosquittoProcess, free_port
+
+__all__ = ["free_port"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: talks to a real broker (Mosquitto or amqtt)")
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
+    """A real Mosquitto on a free loopback port (``.host``, ``.port``, ``.url``)."""
+    broker = MosquittoProcess(tmp_path_factory.mktemp("mosquitto"))
+    try:
+        broker.start()
+    except MosquittoNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_broker() -> Iterator[EmbeddedBroker]:
+    """The in-process amqtt broker on a free loopback port (``.host``, ``.port``, ``.url``)."""
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+# The digits bundle, exported once per session (tests/fixtures.py).
+from tests.fixtures import digits_bundle  # noqa: E402,F401
