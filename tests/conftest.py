@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from broker_server.embedded_broker import EmbeddedBroker
-from tests.mosquitto import MosquittoNotInstalled, MosquittoProcess, free_port
+from broker_server.mosquitto_process import MosquittoNotInstalled, MosquittoProcess, free_port
 
 __all__ = ["free_port"]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from broker_server.embedded_broker import EmbeddedBroker
+from broker_server.mosquitto_process import MosquittoProcess, free_port
 from edge_agent.errors import ConfigError, TransportError
 from edge_agent.transport.base import InboundMessage, Transport, Will
 from edge_agent.transport.memory import (
@@ -32,7 +33,6 @@ from edge_agent.transport.memory import (
     validate_topic_filter,
 )
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url, reconnect_delay
-from tests.mosquitto import MosquittoProcess, free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""Run a real Mosquitto broker as a subprocess, for integration tests and local scripts.
+"""Run a real Mosquitto broker as a subprocess: for integration tests, benchmarks and local development.
 
 Usage::
 
@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from edge_agent.errors import ConfigError, TransportError
+
 __all__ = ["MosquittoNotInstalled", "MosquittoProcess", "find_mosquitto", "free_port", "wait_for_port"]
 
 _FALLBACK_BINARY = "/usr/sbin/mosquitto"  # Debian installs it outside a normal user's PATH
 
 
-class MosquittoNotInstalled(RuntimeError):
-    pass
+class MosquittoNotInstalled(ConfigError):
+    code = "mosquitto_not_installed"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,7 +106,7 @@ class MosquittoProcess:
         )
         if not wait_for_port(self.host, self.port, self._start_timeout) or self._process.poll() is not None:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start on {self.url}; log:\n{self.read_log()}")
+            raise TransportError(f"mosquitto did not start on {self.url}; log:\n{self.read_log()}")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL if Mosquitto has not exited within ``timeout``."""
