@@ -32,6 +32,7 @@ from edge_agent.protocol.messages import (
     decode_message,
     encode_message,
 )
+from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.protocol.topics import RESULTS, STATUS, Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import EvalResult
@@ -79,7 +80,7 @@ class Rejection:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoundResult:
     round: int
     model_version: int
@@ -126,6 +127,11 @@ class FederatedServer:
 
     def start(self, weights: Tensors | None = None) -> None:
         """Connect, subscribe and store version 0 (the bundle's initial weights by default)."""
+        if self._store is not None and self._store.versions():
+            raise ConfigError(
+                f"{self._store.root} already holds model versions {self._store.versions()[-3:]}...; "
+                "use a new output directory (resuming a federation is not supported yet)"
+            )
         self.weights = weights if weights is not None else self.bundle.initial_weights()
         topics = self.config.topics
         self._transport.start()
@@ -152,73 +158,67 @@ class FederatedServer:
         started = self._clock()
         eligible = self.wait_for_devices(self.config.min_clients, self.config.wait_for_clients_s)
         if len(eligible) < self.config.min_clients:
-            return self._finish(
-                RoundResult(
-                    number,
-                    self.model_version,
-                    0,
-                    0,
-                    0,
-                    0,
-                    self._clock() - started,
-                    False,
-                    f"only {len(eligible)} eligible devices online, need {self.config.min_clients}",
-                )
-            )
+            reason = f"only {len(eligible)} eligible devices online, need {self.config.min_clients}"
+            return self._abandon(number, None, started, reason)
         selected = self._rng.sample(eligible, min(self.config.clients_per_round, len(eligible)))
-        state = RoundState(
-            round=number,
-            model_version=self.model_version,
-            specs=self.bundle.manifest.aggregated_tensors,
-            tasks={f"r{number}-{uuid.uuid4().hex[:12]}": d for d in selected},
-        )
-        self._round = state
-        for task_id, device_id in state.tasks.items():
-            self._send_task(number, task_id, device_id)
-        deadline = started + self.config.round_timeout_s
-        while not state.finished and self._clock() < deadline:
-            self._pump(min(0.25, max(deadline - self._clock(), 0.0)))
-        self._round = None
-        duration = self._clock() - started
-        reported = len(state.accepted)
-        if reported < self.config.min_reports:
-            return self._finish(
-                RoundResult(
-                    number,
-                    self.model_version,
-                    len(selected),
-                    reported,
-                    len(state.failed),
-                    state.num_examples,
-                    duration,
-                    False,
-                    f"{reported} updates by the deadline, need {self.config.min_reports}",
-                )
-            )
+        state = self._collect(number, selected, deadline=started + self.config.round_timeout_s)
+        if len(state.accepted) < self.config.min_reports:
+            reason = f"{len(state.accepted)} updates by the deadline, need {self.config.min_reports}"
+            return self._abandon(number, state, started, reason)
         self.weights = apply_delta(self.weights, state.mean.result(), server_lr=self.config.server_lr)
         self.model_version += 1
         test = self._evaluator(self.weights) if self._evaluator is not None else None
         result = RoundResult(
-            number,
-            self.model_version,
-            len(selected),
-            reported,
-            len(state.failed),
-            state.num_examples,
-            duration,
-            True,
-            "",
-            state.mean_metrics(),
-            test.loss if test else None,
-            test.accuracy if test else None,
+            round=number,
+            model_version=self.model_version,
+            selected=len(state.tasks),
+            reported=len(state.accepted),
+            failed=len(state.failed),
+            num_examples=state.num_examples,
+            duration_s=self._clock() - started,
+            completed=True,
+            train_metrics=state.mean_metrics(),
+            test_loss=test.loss if test else None,
+            test_accuracy=test.accuracy if test else None,
         )
         if self._store is not None:
-            self._store.save(
-                self.model_version,
-                self.weights,
-                {"parent": self.model_version - 1, "round": number, "metrics": asdict(result)},
-            )
+            meta = {"parent": self.model_version - 1, "round": number, "metrics": asdict(result)}
+            self._store.save(self.model_version, self.weights, meta)
         return self._finish(result)
+
+    def _collect(self, number: int, selected: list[str], *, deadline: float) -> RoundState:
+        """Send one task per selected device; gather results until all reported or the deadline."""
+        state = RoundState(
+            round=number,
+            model_version=self.model_version,
+            specs=self.bundle.manifest.aggregated_tensors,
+            tasks={f"r{number}-{uuid.uuid4().hex[:12]}": device_id for device_id in selected},
+        )
+        self._round = state
+        try:
+            weights = encode_tensors(self.weights)  # once per round, not once per device
+            for task_id, device_id in state.tasks.items():
+                self._send_task(number, task_id, device_id, weights)
+            while not state.finished and self._clock() < deadline:
+                self._pump(min(0.25, max(deadline - self._clock(), 0.0)))
+        finally:
+            self._round = None
+        return state
+
+    def _abandon(self, number: int, state: RoundState | None, started: float, reason: str) -> RoundResult:
+        return self._finish(
+            RoundResult(
+                round=number,
+                model_version=self.model_version,
+                selected=len(state.tasks) if state else 0,
+                reported=len(state.accepted) if state else 0,
+                failed=len(state.failed) if state else 0,
+                num_examples=state.num_examples if state else 0,
+                duration_s=self._clock() - started,
+                completed=False,
+                reason=reason,
+            )
+        )
 
     def _finish(self, result: RoundResult) -> RoundResult:
         self.results.append(result)
@@ -241,7 +241,7 @@ class FederatedServer:
                 handle.write(json.dumps(asdict(result)) + "\n")
         return result
 
-    def _send_task(self, number: int, task_id: str, device_id: str) -> None:
+    def _send_task(self, number: int, task_id: str, device_id: str, weights: bytes) -> None:
         task = TaskMessage(
             device_id=device_id,
             round=number,
@@ -252,9 +252,8 @@ class FederatedServer:
             batch_size=self.config.batch_size,
             lr=self.config.lr,
             deadline_s=self.config.round_timeout_s,
-            weights=self.weights,
         )
-        self._transport.publish(self.config.topics.tasks(device_id), encode_message(task), qos=1)
+        self._transport.publish(self.config.topics.tasks(device_id), encode_message(task, payload=weights), qos=1)
 
     # -- inbound messages ------------------------------------------------------------------------
 

@@ -53,6 +53,18 @@ def offline_will(device_id: str, topics: Topics = Topics()) -> Will:
     return Will(topic=topics.status(device_id), payload=payload, qos=1, retain=True)
 
 
+def online_birth(device_id: str, bundle_digest: str, num_examples: int, topics: Topics = Topics()) -> Will:
+    """The retained status to publish on every (re)connect (MQTT transports' ``birth``)."""
+    status = StatusMessage(
+        device_id=device_id,
+        online=True,
+        agent_version=__version__,
+        bundle_digest=bundle_digest,
+        num_examples=num_examples,
+    )
+    return Will(topic=topics.status(device_id), payload=encode_message(status), qos=1, retain=True)
+
+
 class Agent:
     def __init__(
         self,

@@ -13,8 +13,10 @@ import logging
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_agent.errors import FedflockError
 
@@ -116,24 +118,24 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from edge_agent.agent import Agent, AgentConfig, offline_will
+    from edge_agent.agent import Agent, AgentConfig
     from edge_agent.data import load_npz
     from edge_agent.protocol.topics import Topics
     from edge_agent.runtime.bundle import Bundle
     from edge_agent.runtime.trainer import OrtTrainer
-    from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
+    from fedflock.wiring import device_transport
 
     topics = Topics(args.topic_prefix)
     config = AgentConfig(device_id=args.device_id, topics=topics, seed=args.seed, max_tasks=args.max_tasks)
-    host, port = parse_mqtt_url(args.mqtt_url)
     bundle = Bundle.open(args.bundle)
-    transport = MqttTransport(
-        MqttConfig(host=host, port=port, client_id=args.device_id, will=offline_will(args.device_id, topics))
+    data = load_npz(args.data)
+    transport = device_transport(
+        args.mqtt_url, args.device_id, bundle_digest=bundle.digest, num_examples=len(data), topics=topics
     )
-    agent = Agent(config, transport, OrtTrainer.open(bundle, threads=args.threads), load_npz(args.data))
+    agent = Agent(config, transport, OrtTrainer.open(bundle, threads=args.threads), data)
     stop = _stop_on_signals()
     agent.start()
-    log.info("agent %s online at %s with %d examples", args.device_id, args.mqtt_url, len(load_npz(args.data)))
+    log.info("agent %s online at %s with %d examples", args.device_id, args.mqtt_url, len(data))
     try:
         agent.run(stop)
     finally:
@@ -146,9 +148,9 @@ def run_broker(args: argparse.Namespace) -> int:
     from edge_agent.data import load_npz
     from edge_agent.protocol.topics import Topics
     from edge_agent.runtime.bundle import Bundle
-    from edge_agent.runtime.trainer import OrtTrainer
-    from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
+    from edge_agent.runtime.trainer import EvalResult, OrtTrainer
     from fedflock.report import write_metrics
+    from fedflock.wiring import server_transport
 
     config = ServerConfig(
         rounds=args.rounds,
@@ -167,9 +169,11 @@ def run_broker(args: argparse.Namespace) -> int:
     evaluator = None
     if args.test_data is not None:
         test, trainer = load_npz(args.test_data), OrtTrainer.open(bundle, threads=2)
-        evaluator = lambda w: trainer.evaluate(w, test.x, test.y)  # noqa: E731
-    host, port = parse_mqtt_url(args.mqtt_url)
-    transport = MqttTransport(MqttConfig(host=host, port=port, client_id=f"fedflock-server-{port}"))
+
+        def evaluator(weights: dict[str, Any]) -> EvalResult:
+            return trainer.evaluate(weights, test.x, test.y)
+
+    transport = server_transport(args.mqtt_url, f"fedflock-server-{uuid.uuid4().hex[:8]}")
     server = FederatedServer(transport, bundle, config, out_dir=args.out, evaluator=evaluator)
     server.start()
     try:

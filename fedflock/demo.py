@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.server import FederatedServer, RoundResult, ServerConfig
-from edge_agent.agent import Agent, AgentConfig, offline_will
+from edge_agent.agent import Agent, AgentConfig
 from edge_agent.data import Dataset
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import OrtTrainer
-from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
 from fedflock.datasets import dirichlet_partition, load_digits_arrays, train_test_split
 from fedflock.report import write_metrics
+from fedflock.wiring import device_transport, server_transport
 
 log = logging.getLogger("fedflock.demo")
 
@@ -81,12 +81,6 @@ def export_demo_bundle(out_dir: Path, *, lr: float) -> Bundle:
     return Bundle.open(path)
 
 
-def _transport(url: str, client_id: str, *, device: bool, topics: Topics) -> MqttTransport:
-    host, port = parse_mqtt_url(url)
-    will = offline_will(client_id, topics) if device else None
-    return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id, will=will))
-
-
 def run_demo(config: DemoConfig) -> DemoReport:
     started = time.monotonic()
     out = config.out_dir
@@ -104,7 +98,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         stop = threading.Event()
         agents, threads = _start_agents(url, bundle, device_files, config, stop)
         server = FederatedServer(
-            _transport(url, f"fedflock-server-{rng.integers(1 << 30)}", device=False, topics=config.topics),
+            server_transport(url, f"fedflock-server-{rng.integers(1 << 30)}"),
             bundle,
             ServerConfig(
                 rounds=config.rounds,
@@ -166,12 +160,12 @@ def _start_agents(
 
     agents, threads = [], []
     for number, path in enumerate(files):
-        device_id = f"device-{number:03d}"
+        device_id, data = f"device-{number:03d}", load_npz(path)
         agent = Agent(
             AgentConfig(device_id=device_id, topics=config.topics, seed=config.seed + number),
-            _transport(url, device_id, device=True, topics=config.topics),
+            device_transport(url, device_id, bundle_digest=bundle.digest, num_examples=len(data), topics=config.topics),
             OrtTrainer.open(bundle, threads=1),
-            load_npz(path),
+            data,
         )
         agent.start()
         thread = threading.Thread(target=agent.run, args=(stop,), name=device_id, daemon=True)

@@ -98,62 +98,53 @@ class ErrorMessage:
 Message = StatusMessage | TaskMessage | UpdateMessage | ErrorMessage
 
 
-def _envelope(msg_type: int, header: dict[str, Any], tensors: Tensors | None) -> bytes:
+def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
+    """Encode a message into one envelope.
+
+    ``payload`` is an already encoded tensor set to send instead of the message's own tensors:
+    the server encodes the global weights once per round, not once per device.
+    """
+    msg_type, header, tensors = _parts(message)
     raw_header = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ValueError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
-    payload = encode_tensors(tensors) if tensors is not None else b""
+    if payload is None:
+        payload = encode_tensors(tensors) if tensors is not None else b""
+    elif tensors:
+        raise ValueError("give the tensors in the message or as an encoded payload, not both")
     return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, msg_type, 0, len(raw_header)) + raw_header + payload
 
 
-def encode_message(message: Message) -> bytes:
+def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
+    """Message type, header and tensors of ``message``."""
     if isinstance(message, StatusMessage):
-        return _envelope(
-            STATUS,
-            _base(message.device_id, -1, "")
-            | {
-                "online": message.online,
-                "agent_version": message.agent_version,
-                "bundle_digest": message.bundle_digest,
-                "num_examples": message.num_examples,
-                "capabilities": message.capabilities,
-            },
-            None,
-        )
+        header = {
+            "online": message.online,
+            "agent_version": message.agent_version,
+            "bundle_digest": message.bundle_digest,
+            "num_examples": message.num_examples,
+            "capabilities": message.capabilities,
+        }
+        return STATUS, _base(message.device_id, -1, "") | header, None
     if isinstance(message, TaskMessage):
-        return _envelope(
-            TASK,
-            _base(message.device_id, message.round, message.task_id)
-            | {
-                "model_version": message.model_version,
-                "bundle_digest": message.bundle_digest,
-                "epochs": message.epochs,
-                "batch_size": message.batch_size,
-                "lr": message.lr,
-                "deadline_s": message.deadline_s,
-            },
-            message.weights,
-        )
+        header = {
+            "model_version": message.model_version,
+            "bundle_digest": message.bundle_digest,
+            "epochs": message.epochs,
+            "batch_size": message.batch_size,
+            "lr": message.lr,
+            "deadline_s": message.deadline_s,
+        }
+        return TASK, _base(message.device_id, message.round, message.task_id) | header, message.weights
     if isinstance(message, UpdateMessage):
-        return _envelope(
-            UPDATE,
-            _base(message.device_id, message.round, message.task_id)
-            | {
-                "model_version": message.model_version,
-                "num_examples": message.num_examples,
-                "metrics": message.metrics,
-            },
-            message.delta,
-        )
-    return _envelope(
-        ERROR,
-        _base(message.device_id, message.round, message.task_id)
-        | {
-            "code": message.code,
-            "reason": message.reason,
-        },
-        None,
-    )
+        header = {
+            "model_version": message.model_version,
+            "num_examples": message.num_examples,
+            "metrics": message.metrics,
+        }
+        return UPDATE, _base(message.device_id, message.round, message.task_id) | header, message.delta
+    header = {"code": message.code, "reason": message.reason}
+    return ERROR, _base(message.device_id, message.round, message.task_id) | header, None
 
 
 def _base(device_id: str, round_: int, task_id: str) -> dict[str, Any]:

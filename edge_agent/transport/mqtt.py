@@ -52,6 +52,9 @@ class MqttConfig:
     connect_timeout: float = 10.0
     publish_timeout: float = 30.0
     will: Will | None = None
+    birth: Will | None = None
+    """Published on every (re)connect: the counterpart of the will. A device's retained "online"
+    status must come back after the broker published its "offline" will during an outage."""
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 60.0
     reconnect_jitter: float = 1.0
@@ -315,6 +318,9 @@ class MqttTransport:
         if subscriptions:
             _, mid = client.subscribe(subscriptions)
             self._resubscribe_mid = mid
+        birth = self._config.birth
+        if birth is not None:  # queued by paho, sent by this network thread: no blocking here
+            client.publish(birth.topic, birth.payload, qos=birth.qos, retain=birth.retain)
         self._connack.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:

@@ -212,3 +212,11 @@ def test_topics_layout_and_parsing() -> None:
 def test_unsafe_device_ids_are_refused(device_id: str) -> None:
     with pytest.raises(ConfigError):
         validate_device_id(device_id)
+
+
+def test_task_with_pre_encoded_weights_equals_the_plain_encoding() -> None:
+    task = MESSAGES[1]
+    bare = TaskMessage(**{**vars(task), "weights": {}})
+    assert encode_message(bare, payload=encode_tensors(task.weights)) == encode_message(task)
+    with pytest.raises(ValueError, match="not both"):
+        encode_message(task, payload=encode_tensors(task.weights))

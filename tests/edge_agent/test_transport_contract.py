@@ -8,6 +8,7 @@ test uses its own topic prefix and client ids. "Nothing arrives" is checked by w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import socket
@@ -409,7 +410,9 @@ def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: P
         )
 
     broker = new_broker()
-    subscriber, publisher = MqttTransport(config("re-sub")), MqttTransport(config("re-pub"))
+    birth = Will(topic="restart/birth", payload=b"online again", retain=True)
+    subscriber = MqttTransport(dataclasses.replace(config("re-sub"), birth=birth))
+    publisher = MqttTransport(config("re-pub"))
     try:
         subscriber.start()
         publisher.start()
@@ -430,6 +433,10 @@ def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: P
             while (message := subscriber.receive(timeout=0.2)) is not None:
                 received.append(message)
         assert InboundMessage("restart/topic", b"back") in received
+        # The restarted broker has no retained messages of its own: the birth came back on reconnect.
+        with MqttTransport(config("re-observer")) as observer:
+            observer.subscribe("restart/birth")
+            assert observer.receive(timeout=5) == InboundMessage("restart/birth", b"online again")
     finally:
         subscriber.close()
         publisher.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,6 @@ import pytest
 
 from broker_server.server import FederatedServer, ServerConfig
 from edge_agent.protocol.topics import Topics
-from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
 from tests.fixtures import digits_split, write_npz
 
@@ -42,19 +42,42 @@ def start_agent(
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
-def server_transport(url: str, client_id: str) -> MqttTransport:
-    host, port = parse_mqtt_url(url)
-    return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id))
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "fedflock", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.timeout(240)
-def test_federated_training_over_real_mosquitto(mosquitto, digits_bundle, tmp_path) -> None:
+@pytest.mark.timeout(300)
+def test_export_broker_and_three_agents_through_the_cli_over_real_mosquitto(mosquitto, tmp_path) -> None:
+    """The user's path: `fedflock export`, `fedflock broker`, 3 x `fedflock agent`, all separate processes."""
+    bundle = tmp_path / "bundle"
+    exported = run_cli(
+        "export",
+        "model_export.models:digits_cnn",
+        "--input-shape",
+        "1,8,8",
+        "--num-classes",
+        "10",
+        "--loss",
+        "cross_entropy",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--momentum",
+        "0.9",
+        "--out",
+        str(bundle),
+    )
+    assert exported.returncode == 0, exported.stderr
     devices, test = digits_split(3, alpha=0.5, seed=1)
     prefix = "e2e/v1"
     agents = [
         start_agent(
             mosquitto.url,
-            digits_bundle.directory,
+            bundle,
             write_npz(tmp_path / f"d{i}.npz", data),
             f"agent-{i}",
             prefix,
@@ -62,40 +85,70 @@ def test_federated_training_over_real_mosquitto(mosquitto, digits_bundle, tmp_pa
         )
         for i, data in enumerate(devices)
     ]
-    evaluator = OrtTrainer.open(digits_bundle, threads=2)
-    server = FederatedServer(
-        server_transport(mosquitto.url, "e2e-server"),
-        digits_bundle,
-        ServerConfig(
-            rounds=5,
-            clients_per_round=3,
-            min_clients=3,
-            wait_for_clients_s=60,
-            round_timeout_s=60,
-            local_epochs=2,
-            lr=0.05,
-            topics=Topics(prefix),
-        ),
-        out_dir=tmp_path / "server",
-        evaluator=lambda w: evaluator.evaluate(w, test.x, test.y),
-    )
     try:
-        server.start()
-        results = server.run()
+        server = run_cli(
+            "broker",
+            "--bundle",
+            str(bundle),
+            "--mqtt-url",
+            mosquitto.url,
+            "--topic-prefix",
+            prefix,
+            "--rounds",
+            "5",
+            "--clients-per-round",
+            "3",
+            "--min-clients",
+            "3",
+            "--round-timeout",
+            "60",
+            "--wait-for-clients",
+            "60",
+            "--local-epochs",
+            "2",
+            "--test-data",
+            str(write_npz(tmp_path / "test.npz", test)),
+            "--out",
+            str(tmp_path / "server"),
+        )
     finally:
-        server.close()
         for agent in agents:
             agent.terminate()
         for agent in agents:
             agent.wait(timeout=20)
     logs = "\n".join((tmp_path / f"agent-{i}.log").read_text() for i in range(3))
-    assert all(r.completed and r.reported == 3 for r in results), (results, logs)
-    accuracies = [r.test_accuracy for r in results]
+    assert server.returncode == 0, server.stderr + logs
+    results = [json.loads(line) for line in (tmp_path / "server" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in results] == [1, 2, 3, 4, 5]
+    assert all(r["completed"] and r["reported"] == 3 for r in results), results
+    accuracies = [r["test_accuracy"] for r in results]
     assert accuracies[-1] > 0.5, accuracies  # chance is 0.1
     assert accuracies[-1] > accuracies[0], accuracies
-    assert not server.rejections, list(server.rejections)
+    assert "rejected" not in server.stderr, server.stderr
     assert len(list((tmp_path / "server" / "models").iterdir())) == 6
+    assert (tmp_path / "server" / "accuracy.png").stat().st_size > 1000
     assert all(agent.returncode == 0 for agent in agents), logs  # SIGTERM -> clean shutdown
+    assert logs.count("trained") == 15, logs
+
+
+def test_broker_refuses_to_overwrite_an_earlier_federation(digits_bundle, tmp_path) -> None:
+    (tmp_path / "models" / "v000000").mkdir(parents=True)
+    result = run_cli(
+        "broker",
+        "--bundle",
+        str(digits_bundle.directory),
+        "--out",
+        str(tmp_path),
+        "--mqtt-url",
+        "mqtt://127.0.0.1:1",
+        timeout=60,
+    )
+    assert result.returncode == 2 and "already holds model versions" in result.stderr, result.stderr
+
+
+def server_transport(url: str, client_id: str) -> MqttTransport:
+    host, port = parse_mqtt_url(url)
+    return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id))
 
 
 NO_TORCH_AGENT = """
