@@ -2,9 +2,13 @@
 
 Both sides use 2 threads and the same batch; each timing is the median of ``--runs`` steps after
 ``--warmup`` steps. The ORT side feeds the returned state back in (as a device would), the
-PyTorch side runs ``zero_grad`` + forward + backward + ``SGD.step``. Prints a markdown table.
+PyTorch side runs ``zero_grad`` + forward + backward + ``SGD.step``.
 
-    python benchmarks/train_step.py [--batches 32 128] [--runs 200] [--warmup 20]
+A third column times what a device actually runs: ``OrtTrainer.train`` for one epoch over
+``--steps`` batches (shuffling, batch gathering, state threading, loss checks included), reported
+per step as the median over ``--epochs`` such epochs. Prints a markdown table.
+
+    python benchmarks/train_step.py [--batches 32 128] [--runs 200] [--warmup 20] [--steps 25] [--epochs 15]
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_agent.protocol.manifest import Manifest, load_manifest
 from edge_agent.protocol.tensors import read_tensor_file
+from edge_agent.runtime.bundle import Bundle
+from edge_agent.runtime.trainer import OrtTrainer
 from model_export import DigitsCNN, export_bundle
 
 THREADS = 2
@@ -78,11 +84,30 @@ def time_ort(bundle: Path, manifest: Manifest, x: np.ndarray, y: np.ndarray, war
     return _median_ms(step, warmup, runs)
 
 
+def time_trainer(bundle: Path, batch: int, steps: int, epochs: int) -> float:
+    """Per-step milliseconds of ``OrtTrainer.train`` (one epoch of ``steps`` batches), median of ``epochs``."""
+    opened = Bundle.open(bundle)
+    trainer = OrtTrainer.open(opened, threads=THREADS)
+    weights = opened.initial_weights()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch * steps, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 10, batch * steps, dtype=np.int64)
+    trainer.train(weights, x, y, epochs=1, batch_size=batch, lr=LR, rng=rng)  # warm-up
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        trainer.train(weights, x, y, epochs=1, batch_size=batch, lr=LR, rng=rng)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=25, help="batches per OrtTrainer.train epoch")
+    parser.add_argument("--epochs", type=int, default=15, help="timed OrtTrainer.train epochs")
     args = parser.parse_args()
 
     torch.set_num_threads(THREADS)
@@ -100,14 +125,21 @@ def main() -> None:
             y = rng.integers(0, 10, batch, dtype=np.int64)
             torch_ms = time_torch(DigitsCNN(), x, y, args.warmup, args.runs)
             ort_ms = time_ort(bundle, manifest, x, y, args.warmup, args.runs)
-            rows.append((batch, torch_ms, ort_ms))
+            trainer_ms = time_trainer(bundle, batch, args.steps, args.epochs)
+            rows.append((batch, torch_ms, ort_ms, trainer_ms))
 
     print(f"DigitsCNN train step (SGD momentum {MOMENTUM}), {THREADS} threads, median of {args.runs} runs")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}; export took {export_s:.1f} s\n")
-    print("| batch | PyTorch eager (ms) | onnxruntime (ms) | ORT / PyTorch |")
-    print("|------:|-------------------:|-----------------:|--------------:|")
-    for batch, torch_ms, ort_ms in rows:
-        print(f"| {batch} | {torch_ms:.3f} | {ort_ms:.3f} | {ort_ms / torch_ms:.2f} |")
+    print(f"OrtTrainer.train: per step, one epoch of {args.steps} batches, median of {args.epochs} epochs\n")
+    columns = ["batch", "PyTorch eager (ms)", "ORT session (ms)", "session / PyTorch"]
+    columns += ["OrtTrainer.train (ms/step)", "trainer / PyTorch"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("-" * (len(c) + 1) + ":" for c in columns) + "|")
+    for batch, torch_ms, ort_ms, trainer_ms in rows:
+        print(
+            f"| {batch} | {torch_ms:.3f} | {ort_ms:.3f} | {ort_ms / torch_ms:.2f} "
+            f"| {trainer_ms:.3f} | {trainer_ms / torch_ms:.2f} |"
+        )
 
 
 if __name__ == "__main__":

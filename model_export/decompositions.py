@@ -7,12 +7,20 @@ matter for on-device training (see FIELD_NOTES, "On-device training with onnxrun
   the ONNX exporter emits a ``BatchNormalization`` node in *inference* mode: the loss is silently
   wrong and running statistics never update. :data:`BATCH_NORM_OPS` lists the ops to decompose.
 * **``aten.convolution_backward``** has no decomposition at all. :func:`convolution_backward`
-  supplies one built from ops onnxruntime runs fast on CPU:
+  supplies one built from ops onnxruntime runs fast on CPU.
 
-  - grad-input: a transposed convolution of ``grad_output`` with the same weight (``ConvTranspose``);
-  - grad-weight: an im2col made of ``k_h * k_w`` strided slices (no ``Gather``), then one batched
-    GEMM per group: ``[G, O/G, N*L] @ [G, N*L, C/G*K]``;
-  - grad-bias: a sum over every dimension but the channel one.
+On top of filling gaps, a few ops are lowered differently for speed (measured with onnxruntime's
+profiler on DigitsCNN; ``benchmarks/train_step.py``):
+
+* ungrouped convolutions (forward, and grad-input when stride is 1) are one batch-wide GEMM over
+  an im2col of a spatial-major ``[*spatial, N, C]`` view (:func:`_gemm_conv`): onnxruntime's
+  ``Conv``/``ConvTranspose`` run one tiny GEMM per example, and its multi-threaded ``Transpose``
+  is only fast for 2-D permutations. grad-weight is ``grad_out^T @ cols`` on the same patches
+  (shared with the forward by common-subexpression elimination). Grouped convolutions and strided
+  grad-input keep ``Conv``/``ConvTranspose`` and a per-group batched GEMM;
+* ``threshold_backward`` (ReLU) multiplies by a 0/1 mask instead of using ``Where``;
+* non-overlapping max pools use :mod:`model_export.pooling` instead of ``MaxPool`` with indices
+  and a ``ScatterElements`` backward.
 
 Everything here is a pure function of its arguments.
 """
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch._decomp import core_aten_decompositions, get_decompositions
 
 from edge_agent.errors import ExportError
+from model_export import pooling
 
 aten = torch.ops.aten
 
@@ -83,6 +92,115 @@ def _im2col_sliced(
     return torch.cat(patches, dim=2)
 
 
+def _spatial_major(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, *spatial]`` -> ``[*spatial, N, C]`` with a single 2-D ``Transpose``.
+
+    onnxruntime's multi-threaded ``Transpose`` is fast for 2-D and slow (5-10x) for 3-D/4-D
+    permutations that move the innermost axis, e.g. NCHW -> NHWC; ``[N*C, L] -> [L, N*C]`` is 2-D.
+    Slices and pads of the result copy whole ``N*C`` blocks.
+    """
+    channels, spatial = _as_int(x.shape[1]), [_as_int(s) for s in x.shape[2:]]
+    return x.reshape(-1, _prod(spatial)).t().reshape(*spatial, -1, channels)
+
+
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _out_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _patches(
+    x_sm: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """im2col of a spatial-major ``[*spatial, N, C]`` tensor: ``[L * N, K * C]`` (kernel offset major)."""
+    spatial = x_sm.dim() - 2
+    if any(padding):
+        pads: list[int] = [0, 0, 0, 0]
+        for p in reversed(padding):
+            pads += [p, p]
+        x_sm = F.pad(x_sm, pads)
+    sizes = [_as_int(x_sm.shape[d]) for d in range(spatial)]
+    out = [_out_size(sizes[d], kernel[d], stride[d], 0, dilation[d]) for d in range(spatial)]
+    patches = []
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        patch = x_sm
+        for dim, offset in enumerate(offsets):
+            patch = patch.narrow(dim, offset * dilation[dim], stride[dim] * (out[dim] - 1) + 1)
+            if stride[dim] != 1:
+                patch = _strided(patch, dim, stride[dim])
+        patches.append(patch)
+    cols = torch.cat(patches, dim=-1) if len(patches) > 1 else patches[0]
+    return cols.reshape(-1, _as_int(cols.shape[-1]))
+
+
+def _weight_cols(weight: torch.Tensor) -> torch.Tensor:
+    """``[O, C, *k]`` -> ``[O, K * C]`` in the column order of :func:`_patches` (tiny tensor)."""
+    return weight.permute(0, *range(2, weight.dim()), 1).reshape(_as_int(weight.shape[0]), -1)
+
+
+def _gemm_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """Ungrouped convolution as one GEMM over the whole batch: ``[L*N, K*C] @ [K*C, O]``.
+
+    onnxruntime's ``Conv`` runs one small GEMM per example; for the small feature maps of
+    on-device models a single batch-wide GEMM is several times faster.
+    """
+    kernel = [_as_int(k) for k in weight.shape[2:]]
+    out_channels = _as_int(weight.shape[0])
+    spatial = [_as_int(s) for s in x.shape[2:]]
+    out = [_out_size(spatial[d], kernel[d], stride[d], padding[d], dilation[d]) for d in range(len(kernel))]
+    cols = _patches(_spatial_major(x), kernel, stride, padding, dilation)
+    w_cols = _weight_cols(weight)
+    y = cols @ w_cols.t() if bias is None else torch.addmm(bias, cols, w_cols.t())  # [L*N, O]
+    return y.reshape(_prod(out), -1).t().reshape(-1, out_channels, *out)
+
+
+def _gemm_applies(groups: int, transposed: bool, x: torch.Tensor) -> bool:
+    return groups == 1 and not transposed and x.dim() >= 3
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> Any:
+    """Forward convolution as a batch-wide GEMM; grouped/transposed ones stay ``Conv``/``ConvTranspose``."""
+    if not _gemm_applies(_as_int(groups), transposed, x):
+        return NotImplemented
+    stride, padding, dilation = _conv_params(stride, padding, dilation, x.dim() - 2)
+    return _gemm_conv(x, weight, bias, stride, padding, dilation)
+
+
+def _conv_params(
+    stride: Sequence[Any], padding: Sequence[Any], dilation: Sequence[Any], spatial: int
+) -> tuple[list[int], list[int], list[int]]:
+    s, p, d = ([_as_int(v) for v in values] for values in (stride, padding, dilation))
+    if len(s) == 1 and spatial > 1:  # aten allows a single value for every spatial dim
+        s, p, d = s * spatial, p * spatial, d * spatial
+    return s, p, d
+
+
 def _grad_weight(
     grad_output: torch.Tensor,
     inp: torch.Tensor,
@@ -93,8 +211,16 @@ def _grad_weight(
     groups: int,
 ) -> torch.Tensor:
     kernel = [_as_int(k) for k in weight_shape[2:]]
-    out_size = [_as_int(s) for s in grad_output.shape[2:]]
     out_channels = _as_int(weight_shape[0])
+    if groups == 1:
+        # Same patches as the forward GEMM (onnxruntime's common-subexpression elimination
+        # shares them): grad_w = grad_out^T @ cols, a single [O, L*N] @ [L*N, K*C].
+        cols = _patches(_spatial_major(inp), kernel, stride, padding, dilation)
+        grad = _spatial_major(grad_output).reshape(-1, out_channels)
+        grad_w = grad.t() @ cols  # [O, K * C]
+        spatial = len(kernel)
+        return grad_w.reshape(out_channels, *kernel, -1).permute(0, spatial + 1, *range(1, spatial + 1))
+    out_size = [_as_int(s) for s in grad_output.shape[2:]]
     in_per_group = _as_int(weight_shape[1])
     k = 1
     for size in kernel:
@@ -120,14 +246,21 @@ def _grad_input(
     dilation: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
+    kernel = [_as_int(k) for k in weight.shape[2:]]
+    full_pad = [dilation[d] * (kernel[d] - 1) for d in range(len(kernel))]
+    if groups == 1 and all(s == 1 for s in stride) and all(p <= f for p, f in zip(padding, full_pad, strict=True)):
+        # Stride 1: the transposed convolution is a plain convolution of grad_output with the
+        # spatially flipped, in/out-swapped weight, padded by dilation * (k - 1) - padding.
+        flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
+        pad = [f - p for f, p in zip(full_pad, padding, strict=True)]
+        return _gemm_conv(grad_output, flipped, None, stride, pad, dilation)
     # A transposed convolution maps an output-sized tensor back to input size; output_padding
     # recovers the rows/columns a strided forward convolution dropped.
     output_padding = []
     for dim in range(len(stride)):
         in_size = _as_int(inp.shape[2 + dim])
         out_size = _as_int(grad_output.shape[2 + dim])
-        k = _as_int(weight.shape[2 + dim])
-        full = (out_size - 1) * stride[dim] - 2 * padding[dim] + dilation[dim] * (k - 1) + 1
+        full = (out_size - 1) * stride[dim] - 2 * padding[dim] + dilation[dim] * (kernel[dim] - 1) + 1
         output_padding.append(in_size - full)
     return aten.convolution.default(grad_output, weight, None, stride, padding, dilation, True, output_padding, groups)
 
@@ -148,13 +281,8 @@ def convolution_backward(
     """Decomposition of ``aten.convolution_backward`` for (grouped) non-transposed convolutions."""
     if transposed:
         raise ExportError("transposed convolutions (ConvTranspose layers) are not supported for training export")
-    stride = [_as_int(s) for s in stride]
-    padding = [_as_int(p) for p in padding]
-    dilation = [_as_int(d) for d in dilation]
+    stride, padding, dilation = _conv_params(stride, padding, dilation, grad_output.dim() - 2)
     groups = _as_int(groups)
-    spatial = grad_output.dim() - 2
-    if len(stride) == 1 and spatial > 1:  # aten allows a single value for every spatial dim
-        stride, padding, dilation = stride * spatial, padding * spatial, dilation * spatial
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         grad_input = _grad_input(grad_output, inp, weight, stride, padding, dilation, groups)
@@ -165,11 +293,25 @@ def convolution_backward(
     return grad_input, grad_weight, grad_bias
 
 
+def threshold_backward(grad_output: torch.Tensor, inp: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ReLU's backward as ``grad * (inp > threshold)``: a ``Mul`` by a 0/1 mask instead of ``Where``.
+
+    onnxruntime's ``Where`` is about ten times slower than ``Greater`` + ``Cast`` + ``Mul``. Equal to
+    aten's ``where(inp <= threshold, 0, grad)`` for finite gradients (an inf/NaN gradient at a
+    masked position gives NaN instead of 0; the trainer stops on a non-finite loss anyway).
+    """
+    return grad_output * (inp > threshold).to(grad_output.dtype)
+
+
 def training_decompositions() -> DecompositionTable:
     """Table for tracing a *training* step: core aten + BatchNorm + convolution_backward."""
     table: DecompositionTable = dict(core_aten_decompositions())
     table.update(get_decompositions(list(BATCH_NORM_OPS)))
+    table[aten.convolution.default] = convolution
     table[aten.convolution_backward.default] = convolution_backward
+    table[aten.threshold_backward.default] = threshold_backward
+    table[aten.max_pool2d_with_indices.default] = pooling.max_pool2d_with_indices
+    table[aten.max_pool2d_with_indices_backward.default] = pooling.max_pool2d_with_indices_backward
     return table
 
 
