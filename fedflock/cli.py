@@ -132,7 +132,9 @@ def run_agent(args: argparse.Namespace) -> int:
     transport = device_transport(
         args.mqtt_url, args.device_id, bundle_digest=bundle.digest, num_examples=len(data), topics=topics
     )
-    agent = Agent(config, transport, OrtTrainer.open(bundle, threads=args.threads), data)
+    trainer = OrtTrainer.open(bundle, threads=args.threads)
+    trainer.check_data(data.x, data.y)  # fail now, not at the first task
+    agent = Agent(config, transport, trainer, data)
     stop = _stop_on_signals()
     agent.start()
     log.info("agent %s online at %s with %d examples", args.device_id, args.mqtt_url, len(data))

@@ -83,7 +83,7 @@ class OrtTrainer:
     ) -> TrainResult:
         """Run ``epochs`` passes of mini-batch SGD from ``weights``; optimizer state starts at zero."""
         check_tensors(self.bundle.manifest, weights, names=self._model_names)
-        self._check_data(x, y)
+        self.check_data(x, y)
         state: Tensors = {name: np.array(weights[name]) for name in self._model_names}
         state.update(self.bundle.zero_optimizer_state())
         lr_value = np.array(lr, dtype=np.float32)
@@ -134,7 +134,7 @@ class OrtTrainer:
     def evaluate(self, weights: Tensors, x: np.ndarray, y: np.ndarray) -> EvalResult:
         """Mean cross-entropy and accuracy of ``weights`` on ``(x, y)``."""
         check_tensors(self.bundle.manifest, weights, names=self._model_names)
-        self._check_data(x, y)
+        self.check_data(x, y)
         if len(x) == 0:
             return EvalResult(0, float("nan"), float("nan"))
         logits = self.predict(weights, x).astype(np.float64)
@@ -144,11 +144,14 @@ class OrtTrainer:
         accuracy = float((logits.argmax(axis=1) == y).mean())
         return EvalResult(len(x), loss, accuracy)
 
-    def _check_data(self, x: np.ndarray, y: np.ndarray) -> None:
+    def check_data(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Raise :class:`TrainingError` unless ``(x, y)`` fits the model's input and label spec."""
         manifest = self.bundle.manifest
         expected = tuple(manifest.input.shape[1:])
         if x.dtype != np.float32 or tuple(x.shape[1:]) != expected:
-            raise TrainingError(f"data x is {x.dtype}{list(x.shape)}, model expects float32[N, {list(expected)}]")
+            raise TrainingError(
+                f"data x is {x.dtype}{list(x.shape)}, model expects float32[N, {', '.join(map(str, expected))}]"
+            )
         if y.dtype != np.int64 or y.shape != (len(x),):
             raise TrainingError(f"labels y are {y.dtype}{list(y.shape)}, model expects int64[{len(x)}]")
         if len(y) and (y.min() < 0 or y.max() >= manifest.num_classes):

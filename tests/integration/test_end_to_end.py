@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from broker_server.server import FederatedServer, ServerConfig
@@ -243,3 +244,22 @@ def test_agent_cli_refuses_a_tampered_bundle(digits_bundle, tmp_path) -> None:
     )
     assert proc.returncode == 2
     assert "integrity_error" in proc.stderr and "weights.fft" in proc.stderr, proc.stderr
+
+
+def test_agent_cli_refuses_data_that_does_not_fit_the_model(digits_bundle, tmp_path) -> None:
+    data = tmp_path / "wrong.npz"
+    np.savez(data, x=np.zeros((10, 3, 8, 8), np.float32), y=np.zeros(10, np.int64))
+    result = run_cli(
+        "agent",
+        "--bundle",
+        str(digits_bundle.directory),
+        "--data",
+        str(data),
+        "--device-id",
+        "w",
+        "--mqtt-url",
+        "mqtt://127.0.0.1:1",
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "training_error" in result.stderr and "[10, 3, 8, 8]" in result.stderr and "[N, 1, 8, 8]" in result.stderr
