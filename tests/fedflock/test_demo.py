@@ -61,3 +61,25 @@ def test_train_test_split_is_stratified() -> None:
     train, test = train_test_split(y, 0.2, np.random.default_rng(1))
     assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == len(y)
     np.testing.assert_array_equal(np.bincount(y[test]), [2, 4, 6, 8])
+
+
+@pytest.mark.timeout(180)
+def test_demo_runs_against_an_external_mosquitto(mosquitto, digits_bundle, tmp_path, monkeypatch) -> None:
+    import fedflock.demo as demo
+
+    monkeypatch.setattr(demo, "export_demo_bundle", lambda out_dir, *, lr: digits_bundle)  # export tested above
+    report = demo.run_demo(
+        demo.DemoConfig(
+            devices=4,
+            per_round=2,
+            rounds=3,
+            mqtt_url=mosquitto.url,
+            out_dir=tmp_path,
+            topics=demo.Topics("demo-ext/v1"),
+            progress=False,
+        )
+    )
+    assert [r.completed for r in report.results] == [True, True, True]
+    assert all(r.reported == 2 for r in report.results)
+    assert report.final_accuracy is not None and report.final_accuracy > 0.3
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "accuracy.png").exists()
