@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edge_agent.errors import ExportError
+from model_export.gradients import forward_backward
 
 SUPPORTED_LOSSES = ("cross_entropy",)
 SUPPORTED_OPTIMIZERS = ("sgd",)
@@ -141,18 +142,11 @@ def make_train_step(model: nn.Module, layout: TensorLayout, *, loss: str, sgd: S
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         params = dict(zip(layout.parameters, state[:n_params], strict=True))
-        # BatchNorm updates running stats in place: give it copies, never the graph inputs.
-        buffers = {
-            name: t.clone() for name, t in zip(layout.buffers, state[n_params : n_params + n_buffers], strict=True)
-        }
+        buffers = dict(zip(layout.buffers, state[n_params : n_params + n_buffers], strict=True))
         momentum = list(state[n_params + n_buffers :])
-        leaves = {name: p.detach().requires_grad_(name in trainable) for name, p in params.items()}
-        logits = functional_call(model, {**leaves, **buffers}, (x,))
-        loss_value = loss_fn(logits, y)
+        result = forward_backward(model, params, buffers, trainable, x, y, loss_fn)
+        loss_value, logits, grad_of, buffers = result.loss, result.logits, result.grads, result.buffers
         correct = (logits.argmax(dim=1) == y).sum()
-        wrt = [name for name in layout.parameters if name in trainable]
-        grads = torch.autograd.grad(loss_value, [leaves[n] for n in wrt], allow_unused=True)
-        grad_of = dict(zip(wrt, grads, strict=True))
         with torch.no_grad():
             new_params = []
             new_momentum = list(momentum)
