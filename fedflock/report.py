@@ -60,30 +60,20 @@ def plot_rounds(results: list[RoundResult], path: Path, *, baseline: EvalResult 
     test_acc = [b.accuracy for b in start] + [r.test_accuracy for r in done]
     test_loss = [b.loss for b in start] + [r.test_loss for r in done]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(rounds, test_acc, marker="o", label="global model, test set")
-    ax_acc.plot(
-        rounds[len(start) :],
-        [r.train_metrics.get("train_accuracy") for r in done],
-        marker=".",
-        linestyle="--",
-        label="devices, local training (mean)",
-    )
-    ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Accuracy per round")
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend(loc="lower right")
-    ax_loss.plot(rounds, test_loss, marker="o", label="global model, test set")
-    ax_loss.plot(
-        rounds[len(start) :],
-        [r.train_metrics.get("train_loss") for r in done],
-        marker=".",
-        linestyle="--",
-        label="devices, local training (mean)",
-    )
-    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss per round")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend(loc="upper right")
-    for axis in (ax_acc, ax_loss):
+    train_rounds = rounds[len(start) :]
+    panels = [
+        (ax_acc, test_acc, "train_accuracy", "accuracy", "Accuracy per round", "lower right"),
+        (ax_loss, test_loss, "train_loss", "loss", "Loss per round", "upper right"),
+    ]
+    for axis, test_values, train_key, ylabel, title, legend_at in panels:
+        axis.plot(rounds, test_values, marker="o", label="global model, test set")
+        train_values = [r.train_metrics.get(train_key) for r in done]
+        axis.plot(train_rounds, train_values, marker=".", linestyle="--", label="devices, local training (mean)")
+        axis.set(xlabel="round", ylabel=ylabel, title=title)
+        axis.grid(alpha=0.3)
+        axis.legend(loc=legend_at)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -221,25 +221,17 @@ def test_agent_cli_refuses_a_tampered_bundle(digits_bundle, tmp_path) -> None:
         handle.seek(-4, 2)
         handle.write(b"\x01\x02\x03\x04")
     devices, _ = digits_split(2)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedflock",
-            "agent",
-            "--bundle",
-            str(bundle),
-            "--data",
-            str(write_npz(tmp_path / "d.npz", devices[0])),
-            "--device-id",
-            "x",
-            "--mqtt-url",
-            "mqtt://127.0.0.1:1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    data = write_npz(tmp_path / "d.npz", devices[0])
+    proc = run_cli(
+        "agent",
+        "--bundle",
+        str(bundle),
+        "--data",
+        str(data),
+        "--device-id",
+        "x",
+        "--mqtt-url",
+        "mqtt://127.0.0.1:1",
         timeout=60,
     )
     assert proc.returncode == 2
