@@ -16,16 +16,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.rss import RssSampler  # noqa: E402
 from broker_server.mosquitto_process import MosquittoProcess  # noqa: E402
 from broker_server.server import FederatedServer, ServerConfig  # noqa: E402
 from edge_agent.runtime.bundle import Bundle  # noqa: E402
@@ -44,35 +43,6 @@ for _ in range(int(sys.argv[2]) * int(sys.argv[3])):
         opt.zero_grad(); torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward(); opt.step()
 print("done")
 """
-
-
-class RssSampler:
-    """Samples a process's RSS in a thread until stopped; remembers the peak and a timeline."""
-
-    def __init__(self, pid: int, interval_s: float = 0.005) -> None:
-        self._process = psutil.Process(pid)
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.samples: list[tuple[float, int]] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        start = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.samples.append((time.monotonic() - start, self._process.memory_info().rss))
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(self._interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(rss for _, rss in self.samples)
 
 
 def mib(value: float) -> str:

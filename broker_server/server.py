@@ -61,6 +61,10 @@ class ServerConfig:
     server_lr: float = 1.0
     seed: int = 0
     topics: Topics = Topics()
+    #: sent in every TASK: values for the bundle's graph-input hyper-parameters (e.g. fedprox_mu)
+    hyperparameters: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
+    #: sent in every TASK: tensors to freeze (bundles exported with trainable masks)
+    frozen: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -196,7 +200,9 @@ class FederatedServer:
         )
         self._round = state
         try:
-            weights = encode_tensors(self.weights)  # once per round, not once per device
+            # once per round, not once per device; personal tensors never leave their devices
+            shared = self.bundle.manifest.shared_model_tensors
+            weights = encode_tensors({t.name: self.weights[t.name] for t in shared})
             for task_id, device_id in state.tasks.items():
                 self._send_task(number, task_id, device_id, weights)
             while not state.finished and self._clock() < deadline:
@@ -252,6 +258,8 @@ class FederatedServer:
             batch_size=self.config.batch_size,
             lr=self.config.lr,
             deadline_s=self.config.round_timeout_s,
+            hyperparameters=self.config.hyperparameters,
+            frozen=self.config.frozen,
         )
         self._transport.publish(self.config.topics.tasks(device_id), encode_message(task, payload=weights), qos=1)
 

@@ -6,11 +6,13 @@ The agent never imports torch; it needs onnxruntime, numpy and a :class:`Transpo
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +28,8 @@ from edge_agent.protocol.messages import (
     encode_message,
 )
 from edge_agent.protocol.topics import Topics, validate_device_id
+from edge_agent.runtime.bundle import check_tensors
+from edge_agent.runtime.personal import PersonalStore
 from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.transport.base import Transport, Will
 
@@ -42,6 +46,9 @@ class AgentConfig:
     seed: int = 0
     #: Stop after this many tasks (tests and batch jobs); ``None`` runs until stopped.
     max_tasks: int | None = None
+    #: Where the device keeps state across tasks and restarts (its personal tensors);
+    #: ``None`` keeps them in memory only.
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -83,6 +90,7 @@ class Agent:
         self._rng = np.random.default_rng(config.seed)
         self._results: OrderedDict[str, bytes] = OrderedDict()
         self.tasks_done = 0
+        self.personal = PersonalStore(trainer.bundle, config.state_dir)
 
     def start(self) -> None:
         topics, device_id = self.config.topics, self.config.device_id
@@ -152,16 +160,23 @@ class Agent:
         if task.bundle_digest != bundle.digest:
             raise ProtocolError(f"task wants bundle {task.bundle_digest[:12]}…, device has {bundle.digest[:12]}…")
         started = self._clock()
+        # Personal tensors come from the device's own copy; a server that sends them is ignored.
+        shared = {t.name: task.weights[t.name] for t in bundle.manifest.shared_model_tensors if t.name in task.weights}
+        check_tensors(bundle.manifest, shared, names=[t.name for t in bundle.manifest.shared_model_tensors])
+        weights = shared | self.personal.load()
         result = self._trainer.train(
-            task.weights,
+            weights,
             self._data.x,
             self._data.y,
             epochs=task.epochs,
             batch_size=task.batch_size,
             lr=task.lr,
             rng=self._rng,
+            hyperparameters=task.hyperparameters,
+            frozen=task.frozen,
         )
         evaluation = self._trainer.evaluate(result.weights, self._data.x, self._data.y)
+        self.personal.save(result.weights)
         aggregated = [t.name for t in bundle.manifest.aggregated_tensors]
         delta = {name: (result.weights[name] - task.weights[name]).astype(np.float32) for name in aggregated}
         seconds = self._clock() - started
@@ -179,12 +194,22 @@ class Agent:
             task_id=task.task_id,
             model_version=task.model_version,
             num_examples=result.num_examples,
-            metrics={
-                "train_loss": result.loss,
-                "train_accuracy": result.accuracy,
-                "local_eval_loss": evaluation.loss,
-                "local_eval_accuracy": evaluation.accuracy,
-                "train_seconds": seconds,
+            metrics={  # accuracy is NaN (and left out) for regression bundles
+                key: value
+                for key, value in {
+                    "train_loss": result.loss,
+                    "train_accuracy": result.accuracy if bundle.manifest.accuracy_defined else math.nan,
+                    "local_eval_loss": evaluation.loss,
+                    "local_eval_accuracy": evaluation.accuracy,
+                    "train_seconds": seconds,
+                    # fp16 bundles: overflowed (skipped) steps and the dynamic loss scale
+                    **(
+                        {"skipped_steps": float(result.skipped_steps), "loss_scale": result.loss_scale}
+                        if result.loss_scale is not None
+                        else {}
+                    ),
+                }.items()
+                if math.isfinite(value)
             },
             delta=delta,
         )

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import FedflockError
+from edge_agent.errors import ConfigError, FedflockError
+from fedflock.export_options import add_export_options, export_kwargs, floats
 
 log = logging.getLogger("fedflock")
 
@@ -42,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. model_export.models:digits_cnn")
     exp.add_argument("--input-shape", type=_shape, required=True, metavar="C,H,W")
     exp.add_argument("--num-classes", type=int, required=True)
-    exp.add_argument("--loss", default="cross_entropy")
-    exp.add_argument("--optimizer", default="sgd")
-    exp.add_argument("--lr", type=float, default=0.05)
-    exp.add_argument("--momentum", type=float, default=0.9)
-    exp.add_argument("--weight-decay", type=float, default=0.0)
     exp.add_argument("--out", type=Path, required=True)
+    add_export_options(exp)
+    exp.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="fp16: fp16 compute, fp32 master weights, dynamic loss scaling on the device",
+    )
 
     agent = sub.add_parser("agent", help="run the device agent")
     agent.add_argument("--bundle", type=Path, required=True, help="training bundle directory")
@@ -58,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     agent.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
     agent.add_argument("--seed", type=int, default=0)
+    agent.add_argument(
+        "--state-dir", type=Path, default=None, help="device state (personal tensors); default: <data>.state"
+    )
+    agent.add_argument("--micro-batch", type=int, default=None, help="override the bundle's micro-batch (0: off)")
 
     broker = sub.add_parser("broker", help="run the aggregation server")
     broker.add_argument("--bundle", type=Path, required=True)
@@ -74,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     broker.add_argument("--lr", type=float, default=0.05)
     broker.add_argument("--seed", type=int, default=0)
     broker.add_argument("--test-data", type=Path, default=None, help=".npz held-out set for evaluation")
+    broker.add_argument(
+        "--hyperparameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,VALUE...]",
+        help="sent in every task, e.g. fedprox_mu=0.01 or class_weights=1,5",
+    )
+    broker.add_argument("--freeze", action="append", default=[], metavar="TENSOR", help="freeze in every task")
     broker.add_argument("--out", type=Path, default=Path("fedflock-server"))
 
     demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
@@ -107,11 +122,8 @@ def run_export(args: argparse.Namespace) -> int:
         input_shape=args.input_shape,
         num_classes=args.num_classes,
         out_dir=args.out,
-        loss=args.loss,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        precision=args.precision,
+        **export_kwargs(args),
     )
     print(f"bundle written to {path}")
     return 0
@@ -126,13 +138,16 @@ def run_agent(args: argparse.Namespace) -> int:
     from fedflock.wiring import device_transport
 
     topics = Topics(args.topic_prefix)
-    config = AgentConfig(device_id=args.device_id, topics=topics, seed=args.seed, max_tasks=args.max_tasks)
+    state_dir = args.state_dir if args.state_dir is not None else Path(f"{args.data}.state")
+    config = AgentConfig(
+        device_id=args.device_id, topics=topics, seed=args.seed, max_tasks=args.max_tasks, state_dir=state_dir
+    )
     bundle = Bundle.open(args.bundle)
     data = load_npz(args.data)
     transport = device_transport(
         args.mqtt_url, args.device_id, bundle_digest=bundle.digest, num_examples=len(data), topics=topics
     )
-    trainer = OrtTrainer.open(bundle, threads=args.threads)
+    trainer = OrtTrainer.open(bundle, threads=args.threads, micro_batch=args.micro_batch)
     trainer.check_data(data.x, data.y)  # fail now, not at the first task
     agent = Agent(config, transport, trainer, data)
     stop = _stop_on_signals()
@@ -166,6 +181,8 @@ def run_broker(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         topics=Topics(args.topic_prefix),
+        hyperparameters=_hyperparameters(args.hyperparameter),
+        frozen=tuple(args.freeze),
     )
     bundle = Bundle.open(args.bundle)
     evaluator = None
@@ -185,6 +202,20 @@ def run_broker(args: argparse.Namespace) -> int:
     write_metrics(args.out, results, baseline=server.baseline)
     print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {args.out}")
     return 0
+
+
+def _hyperparameters(items: list[str]) -> dict[str, float | tuple[float, ...]]:
+    out: dict[str, float | tuple[float, ...]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--hyperparameter wants NAME=VALUE, got {item!r}")
+        try:
+            values = floats(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--hyperparameter {name}: {exc}") from exc
+        out[name] = values[0] if len(values) == 1 else values
+    return out
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

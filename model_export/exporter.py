@@ -23,45 +23,60 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from edge_agent.errors import ConfigError, ExportError, FedflockError
+from edge_agent.errors import ConfigError, ExportError
 from edge_agent.protocol.manifest import (
     FORMAT_VERSION,
-    ROLE_BUFFER,
-    ROLE_OPTIMIZER_STATE,
-    ROLE_PARAMETER,
     GraphSpec,
     InputSpec,
     Manifest,
-    TensorSpec,
     sha256_file,
     write_manifest,
 )
 from edge_agent.protocol.tensors import write_tensor_file
+from model_export.bundle_plan import (
+    INFERENCE_FILE,
+    TRAIN_FILE,
+    PlannedGraph,
+    example_label,
+    example_values,
+    graph_spec,
+    hyper_params,
+    hyper_specs,
+    plan_graphs,
+    tensor_specs,
+)
 from model_export.decompositions import DecompositionTable, inference_decompositions, training_decompositions
+from model_export.federated import FederatedSpec
+from model_export.losses import (
+    TASK_CLASSIFICATION,
+    TASK_REGRESSION,
+    HyperParam,
+    LossSpec,
+    ResolvedLoss,
+    resolve_loss,
+)
 from model_export.onnx_checks import check_graph, strip_debug_metadata
+from model_export.optimizers import OptimizerSpec, make_optimizer
+from model_export.precision import check_fp16_step, check_precision
 from model_export.train_step import (
-    SGDConfig,
+    OUTPUT_PREFIX,
     TensorLayout,
-    check_loss,
-    check_optimizer,
     initial_tensors,
     make_inference,
     make_train_step,
     prepare_model,
     tensor_layout,
 )
+from model_export.verify import check_against_eager, example_input, explain_failure, prepare_for_export
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE = "train_step.onnx"
-INFERENCE_FILE = "inference.onnx"
 WEIGHTS_FILE = "weights.fft"
-OUTPUT_PREFIX = "new."
+__all__ = ["INFERENCE_FILE", "OUTPUT_PREFIX", "TRAIN_FILE", "WEIGHTS_FILE", "export_bundle", "load_factory"]
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
 
 
@@ -82,59 +97,67 @@ def export_bundle(
     input_shape: tuple[int, ...],
     num_classes: int,
     out_dir: str | Path,
-    loss: str = "cross_entropy",
-    optimizer: str = "sgd",
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
+    input_dtype: str = "float32",
+    loss: str | LossSpec = "cross_entropy",
+    optimizer: str | OptimizerSpec = "sgd",
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    nesterov: bool | None = None,
+    federated: FederatedSpec | None = None,
+    micro_batch: int | None = None,
+    precision: str = "fp32",
     opset: int = 18,
     name: str | None = None,
 ) -> Path:
     """Export ``model`` as a training bundle into ``out_dir`` (created if needed); returns it.
 
     ``input_shape`` is the shape of one example, without the batch dimension (e.g. ``(1, 8, 8)``).
+    ``input_dtype`` is ``"float32"`` (features) or ``"int64"`` (token ids for ``nn.Embedding`` models).
+    ``num_classes`` is the width of the model output ``[N, num_classes]`` (classes, binary logits
+    or regression targets). ``loss``/``optimizer`` are names (``"adamw"``) or full specs
+    (:class:`LossSpec`, :class:`OptimizerSpec`); ``lr``/``momentum``/``weight_decay``/``nesterov``
+    are shorthands for a named optimizer (SGD default: lr 0.05, momentum 0.9). ``federated`` adds
+    FedProx, trainable masks and personal tensors; ``micro_batch`` adds the ``accumulate`` and
+    ``apply`` graphs for gradient accumulation and is the default micro-batch size.
+    ``precision="fp16"`` computes the train step in fp16 with fp32 master tensors and a dynamic
+    loss scale (:mod:`model_export.precision`); not combinable with ``micro_batch`` yet.
     Raises :class:`ExportError` for unsupported losses, optimizers, layers or a failed export.
     """
-    check_loss(loss)
-    check_optimizer(optimizer)
-    sgd = SGDConfig(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
-    sgd.validate()
+    resolved = resolve_loss(loss, num_classes)
+    opt_spec = _optimizer_spec(optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    opt = make_optimizer(opt_spec)
+    federated = federated or FederatedSpec()
+    federated.validate()
+    if micro_batch is not None and micro_batch < 1:
+        raise ExportError(f"micro_batch must be >= 1, got {micro_batch}")
+    check_precision(precision)
     input_shape = tuple(int(d) for d in input_shape)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
     train_model = prepare_model(model, training=True)
+    prepare_for_export(train_model)  # refuse unsupported layers, seed nn.Dropout
     eval_model = prepare_model(model, training=False)
-    layout = tensor_layout(train_model, sgd)
+    layout = tensor_layout(train_model, opt, federated)
     initial = initial_tensors(train_model, layout)
-    _check_names(layout)
+    hyper = hyper_params(resolved, opt, layout, federated)
     batch = _example_batch_size(input_shape, initial.values())
-    x = torch.randn(batch, *input_shape)
-    y = torch.randint(0, num_classes, (batch,))
+    x = example_input(train_model, (batch, *input_shape), input_dtype)
+    y = example_label(resolved, batch, num_classes)
     _check_logits(eval_model, layout, initial, x, num_classes)
 
-    train_step = make_train_step(train_model, layout, loss=loss, sgd=sgd)
-    train_args = (x, y, torch.tensor(lr, dtype=torch.float32), *(initial[n] for n in layout.all_tensors))
-    train_inputs = ["x", "y", "lr", *layout.all_tensors]
-    train_outputs = ["loss", "correct", *(OUTPUT_PREFIX + n for n in layout.all_tensors)]
-    _export_graph(
-        train_step,
-        train_args,
-        training_decompositions(),
-        out / TRAIN_FILE,
-        train_inputs,
-        train_outputs,
-        opset,
-    )
-    check_graph(out / TRAIN_FILE, train_inputs, train_outputs, forbid_ops=("BatchNormalization",))
-
-    infer = make_inference(eval_model, layout)
-    infer_args = (x, *(initial[n] for n in layout.model_tensors))
-    infer_inputs = ["x", *layout.model_tensors]
-    _export_graph(infer, infer_args, inference_decompositions(), out / INFERENCE_FILE, infer_inputs, ["logits"], opset)
-    check_graph(out / INFERENCE_FILE, infer_inputs, ["logits"], forbid_ops=())
+    planned = plan_graphs(train_model, eval_model, layout, resolved, opt, micro_batch=micro_batch, precision=precision)
+    examples = example_values(x, y, opt_spec.lr, hyper, layout, initial)
+    for graph in planned:
+        _export_planned(graph, examples, out, opset)
+    # fp16: the train step is checked against the fp32 step with fp16 tolerances instead
+    fp16_step = next((g for g in planned if g.key == "train_step"), None) if precision == "fp16" else None
+    check_against_eager([g for g in planned if g is not fp16_step], examples, out)
+    if fp16_step is not None:
+        reference = make_train_step(train_model, layout, resolved, opt)
+        check_fp16_step(out / fp16_step.file, fp16_step.graph, reference, examples)
 
     write_tensor_file(out / WEIGHTS_FILE, {n: initial[n].numpy() for n in layout.model_tensors})
     manifest = _manifest(
@@ -142,11 +165,16 @@ def export_bundle(
         layout=layout,
         initial=initial,
         input_shape=input_shape,
+        input_dtype=input_dtype,
         num_classes=num_classes,
-        loss=loss,
-        sgd=sgd,
+        loss=resolved,
+        optimizer=opt_spec.manifest_entry(),
+        graphs={g.key: graph_spec(g, layout, hyper) for g in planned},
+        hyper=hyper,
+        micro_batch=micro_batch,
+        precision=precision,
         opset=opset,
-        files={f: sha256_file(out / f) for f in (TRAIN_FILE, INFERENCE_FILE, WEIGHTS_FILE)},
+        files={f: sha256_file(out / f) for f in (*(g.file for g in planned), WEIGHTS_FILE)},
     )
     digest = write_manifest(out, manifest)
     log.info("exported bundle %s (%s) in %.1f s", out, digest[:12], time.monotonic() - started)
@@ -168,12 +196,35 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def _check_names(layout: TensorLayout) -> None:
-    reserved = {"x", "y", "lr", "loss", "correct", "logits"}
-    names = set(layout.all_tensors)
-    clash = sorted(reserved & names) + sorted(n for n in names if OUTPUT_PREFIX + n in names)
-    if clash or len(names) != len(layout.all_tensors):
-        raise ExportError(f"tensor names clash with graph input/output names: {clash}")
+def _optimizer_spec(
+    optimizer: str | OptimizerSpec,
+    *,
+    lr: float | None,
+    momentum: float | None,
+    weight_decay: float | None,
+    nesterov: bool | None,
+) -> OptimizerSpec:
+    shorthands = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
+    given = {key: value for key, value in shorthands.items() if value is not None}
+    if isinstance(optimizer, OptimizerSpec):
+        if given:
+            raise ExportError(f"give {sorted(given)} inside the OptimizerSpec, not next to it")
+        spec = optimizer
+    elif optimizer == "sgd":
+        spec = OptimizerSpec(kind="sgd", **({"lr": 0.05, "momentum": 0.9} | given))  # type: ignore[arg-type]
+    else:
+        spec = OptimizerSpec(kind=optimizer, **given)  # type: ignore[arg-type]
+    spec.validate()
+    return spec
+
+
+def _export_planned(planned: PlannedGraph, examples: dict[str, torch.Tensor], out: Path, opset: int) -> None:
+    graph = planned.graph
+    args = tuple(examples[name] for name in graph.inputs)
+    decompositions = training_decompositions() if planned.training else inference_decompositions()
+    _export_graph(graph.fn, args, decompositions, out / planned.file, graph.inputs, graph.outputs, opset)
+    forbid = ("BatchNormalization",) if planned.training else ()
+    check_graph(out / planned.file, graph.inputs, graph.outputs, forbid_ops=forbid)
 
 
 def _example_batch_size(input_shape: Sequence[int], tensors: Any) -> int:
@@ -238,7 +289,8 @@ def _export_graph(
     # x and y carry the batch dimension; lr and all state tensors are static.
     dynamic_shapes = tuple({0: batch} if name in ("x", "y") else None for name in input_names)
     try:
-        with _quiet():
+        # oneDNN off: without autograd (inference) torch lowers LSTM to mkldnn_rnn_layer, which has no ONNX form
+        with _quiet(), torch.backends.mkldnn.flags(enabled=False):
             graph_module = make_fx(fn, decomposition_table=decompositions, tracing_mode="symbolic")(*args)
             torch.onnx.export(
                 _GraphModuleWrapper(graph_module),
@@ -253,10 +305,8 @@ def _export_graph(
                 optimize=True,
                 verbose=False,
             )
-    except FedflockError:
-        raise
     except Exception as exc:
-        raise ExportError(f"exporting {path.name} failed: {type(exc).__name__}: {exc}") from exc
+        raise explain_failure(exc, fn, args, decompositions, path.name) from exc
     strip_debug_metadata(path)
 
 
@@ -276,58 +326,38 @@ def _manifest(
     layout: TensorLayout,
     initial: dict[str, torch.Tensor],
     input_shape: tuple[int, ...],
+    input_dtype: str,
     num_classes: int,
-    loss: str,
-    sgd: SGDConfig,
+    loss: ResolvedLoss,
+    optimizer: dict[str, Any],
+    graphs: dict[str, GraphSpec],
+    hyper: tuple[HyperParam, ...],
+    micro_batch: int | None,
+    precision: str,
     opset: int,
     files: dict[str, str],
 ) -> Manifest:
-    trainable = set(layout.trainable)
-
-    def spec(name: str, role: str, **kw: Any) -> TensorSpec:
-        value = initial[name]
-        dtype = str(np.dtype(str(value.dtype).removeprefix("torch.")))
-        return TensorSpec(name=name, shape=tuple(value.shape), dtype=dtype, role=role, **kw)
-
-    tensors = (
-        *(spec(n, ROLE_PARAMETER, trainable=n in trainable, aggregate=True) for n in layout.parameters),
-        *(spec(n, ROLE_BUFFER, trainable=False, aggregate=True) for n in layout.buffers),
-        *(
-            spec(n, ROLE_OPTIMIZER_STATE, trainable=False, aggregate=False, of=p)
-            for p, n in zip(layout.momentum_of, layout.momentum_names, strict=True)
-        ),
-    )
-    train_graph = GraphSpec(
-        file=TRAIN_FILE,
-        inputs={"x": "x", "y": "y", "lr": "lr"},
-        outputs={"loss": "loss", "correct": "correct"},
-        tensor_inputs={n: n for n in layout.all_tensors},
-        tensor_outputs={n: OUTPUT_PREFIX + n for n in layout.all_tensors},
-    )
-    inference_graph = GraphSpec(
-        file=INFERENCE_FILE,
-        inputs={"x": "x"},
-        outputs={"logits": "logits"},
-        tensor_inputs={n: n for n in layout.model_tensors},
-    )
+    if loss.task == TASK_CLASSIFICATION:
+        label = InputSpec(name="y", shape=(None,), dtype="int64")
+    else:
+        label = InputSpec(name="y", shape=(None, num_classes), dtype="float32")
     return Manifest(
         format_version=FORMAT_VERSION,
         name=model_name,
         created_by=_created_by(),
         opset=opset,
-        input=InputSpec(name="x", shape=(None, *input_shape), dtype="float32"),
-        label=InputSpec(name="y", shape=(None,), dtype="int64"),
+        input=InputSpec(name="x", shape=(None, *input_shape), dtype=input_dtype),
+        label=label,
         num_classes=num_classes,
-        loss={"type": loss},
-        optimizer={
-            "type": "sgd",
-            "lr": sgd.lr,
-            "momentum": sgd.momentum,
-            "weight_decay": sgd.weight_decay,
-            "nesterov": sgd.nesterov,
-        },
-        tensors=tensors,
-        graphs={"train_step": train_graph, "inference": inference_graph},
+        loss=loss.manifest_entry(),
+        optimizer=optimizer,
+        tensors=tensor_specs(layout, initial),
+        graphs=graphs,
         weights_file=WEIGHTS_FILE,
         files=files,
+        task=loss.task,
+        accuracy_defined=loss.task != TASK_REGRESSION,
+        hyperparameters=hyper_specs(hyper),
+        micro_batch=micro_batch,
+        precision=precision,
     )

@@ -6,10 +6,16 @@ A bundle is a directory::
     train_step.onnx     one optimizer step: (x, y, lr, tensors...) -> (loss, correct, new tensors...)
     inference.onnx      (x, params, buffers) -> logits, BatchNorm in eval mode
     weights.fft         initial parameters and buffers, tensor-set format (protocol.tensors)
+    accumulate.onnx     optional (micro-batching): forward+backward of one micro-batch into gradient sums
+    apply.onnx          optional (micro-batching): the optimizer step from the gradient sums
 
 The manifest lists every tensor (parameters, buffers, optimizer state) with its role, and for
 each graph the mapping from tensor names to ONNX input/output names, so a runtime never has to
-guess names. ``files`` holds the sha256 of every other file in the bundle; the *bundle digest*
+guess names. Format version 2 adds graph-input hyper-parameters with defaults (loss options,
+FedProx μ), the task kind, personal tensors, FedProx global-weight and trainable-mask inputs,
+the accumulation graphs and the compute precision (fp16: ``loss_scale`` in, ``finite`` out);
+version 1 manifests still load (all of that absent). ``files`` holds the sha256 of every other
+file in the bundle; the *bundle digest*
 (what tasks refer to) is the sha256 of ``manifest.json`` itself, so it pins every file.
 """
 
@@ -24,13 +30,20 @@ from typing import Any
 from edge_agent.errors import BundleError, IntegrityError
 
 FORMAT = "fedflock-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 ROLE_PARAMETER = "parameter"
 ROLE_BUFFER = "buffer"
 ROLE_OPTIMIZER_STATE = "optimizer_state"
 ROLES = (ROLE_PARAMETER, ROLE_BUFFER, ROLE_OPTIMIZER_STATE)
+TASK_KINDS = ("classification", "binary", "regression")
+#: "fp16": the train step computes in fp16 with fp32 master tensors; it takes an fp32 scalar
+#: ``loss_scale`` input and returns a bool ``finite`` output (runtime: ``edge_agent.runtime.loss_scale``)
+PRECISIONS = ("fp32", "fp16")
+LOSS_SCALE_INPUT = "loss_scale"
+FINITE_OUTPUT = "finite"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +57,8 @@ class TensorSpec:
     aggregate: bool
     #: For optimizer state: the parameter it belongs to.
     of: str | None = None
+    #: Trained on the device, never uploaded and never aggregated (the device keeps its own copy).
+    personal: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +70,25 @@ class GraphSpec:
     #: tensor name -> ONNX input / output name
     tensor_inputs: dict[str, str] = field(default_factory=dict)
     tensor_outputs: dict[str, str] = field(default_factory=dict)
+    #: hyper-parameter name (see ``Manifest.hyperparameters``) -> ONNX input name
+    hyper_inputs: dict[str, str] = field(default_factory=dict)
+    #: FedProx: parameter name -> ONNX input taking its global (received) value
+    global_inputs: dict[str, str] = field(default_factory=dict)
+    #: trainable masks: parameter name -> ONNX input (float32 scalar, 0 = frozen)
+    mask_inputs: dict[str, str] = field(default_factory=dict)
+    #: gradient accumulators (zeros at the start of each effective batch): parameter name -> ONNX name
+    accumulator_inputs: dict[str, str] = field(default_factory=dict)
+    accumulator_outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HyperParamSpec:
+    """A float32 graph input a task may set (``hyperparameters`` in TASK); ``default`` is row-major."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    default: tuple[float, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +114,15 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     weights_file: str
     files: dict[str, str]
+    #: classification (int64 labels), binary (float32 0/1 labels like the logits) or regression
+    task: str = "classification"
+    #: False for regression: ``correct`` is always 0 and accuracy is not reported
+    accuracy_defined: bool = True
+    hyperparameters: tuple[HyperParamSpec, ...] = ()
+    #: default micro-batch size when the bundle has ``accumulate``/``apply`` graphs
+    micro_batch: int | None = None
+    #: compute precision of the training graphs (tensors on the wire are always float32)
+    precision: str = "fp32"
 
     def tensors_with_role(self, role: str) -> tuple[TensorSpec, ...]:
         return tuple(t for t in self.tensors if t.role == role)
@@ -94,6 +137,15 @@ class Manifest:
         """What devices upload and the server averages."""
         return tuple(t for t in self.tensors if t.aggregate)
 
+    @property
+    def personal_tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for t in self.tensors if t.personal)
+
+    @property
+    def shared_model_tensors(self) -> tuple[TensorSpec, ...]:
+        """Parameters and buffers a TASK carries: every model tensor except personal ones."""
+        return tuple(t for t in self.model_tensors if not t.personal)
+
 
 def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     def tensor(t: TensorSpec) -> dict[str, Any]:
@@ -107,6 +159,8 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         }
         if t.of is not None:
             out["of"] = t.of
+        if t.personal:
+            out["personal"] = True
         return out
 
     def graph(g: GraphSpec) -> dict[str, Any]:
@@ -116,6 +170,7 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
             "outputs": dict(g.outputs),
             "tensor_inputs": dict(g.tensor_inputs),
             "tensor_outputs": dict(g.tensor_outputs),
+            **{key: dict(getattr(g, key)) for key in _OPTIONAL_MAPS if getattr(g, key)},
         }
 
     def spec(s: InputSpec) -> dict[str, Any]:
@@ -136,6 +191,25 @@ def manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
         "graphs": {name: graph(g) for name, g in manifest.graphs.items()},
         "weights_file": manifest.weights_file,
         "files": dict(manifest.files),
+        **_v2_fields(manifest),
+    }
+
+
+_OPTIONAL_MAPS = ("hyper_inputs", "global_inputs", "mask_inputs", "accumulator_inputs", "accumulator_outputs")
+
+
+def _v2_fields(manifest: Manifest) -> dict[str, Any]:
+    if manifest.format_version < 2:
+        return {}
+    return {
+        "task": manifest.task,
+        "accuracy_defined": manifest.accuracy_defined,
+        "hyperparameters": [
+            {"name": h.name, "shape": list(h.shape), "dtype": h.dtype, "default": list(h.default)}
+            for h in manifest.hyperparameters
+        ],
+        "micro_batch": manifest.micro_batch,
+        "precision": manifest.precision,
     }
 
 
@@ -144,8 +218,10 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
     if raw.get("format") != FORMAT:
         raise BundleError(f"not a fedflock bundle manifest (format={raw.get('format')!r})")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"bundle format_version {version!r} not supported (expected {FORMAT_VERSION})")
+    if version not in SUPPORTED_FORMAT_VERSIONS or isinstance(version, bool):
+        raise BundleError(
+            f"bundle format_version {version!r} not supported (this code reads {list(SUPPORTED_FORMAT_VERSIONS)})"
+        )
     try:
         tensors = tuple(
             TensorSpec(
@@ -156,6 +232,7 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
                 trainable=bool(t["trainable"]),
                 aggregate=bool(t["aggregate"]),
                 of=t.get("of"),
+                personal=_bool(t.get("personal", False), "personal"),
             )
             for t in raw["tensors"]
         )
@@ -166,6 +243,7 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
                 outputs={str(k): str(v) for k, v in g["outputs"].items()},
                 tensor_inputs={str(k): str(v) for k, v in g.get("tensor_inputs", {}).items()},
                 tensor_outputs={str(k): str(v) for k, v in g.get("tensor_outputs", {}).items()},
+                **{key: {str(k): str(v) for k, v in g.get(key, {}).items()} for key in _OPTIONAL_MAPS},
             )
             for name, g in raw["graphs"].items()
         }
@@ -183,6 +261,11 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
             graphs=graphs,
             weights_file=str(raw["weights_file"]),
             files={str(k): str(v) for k, v in raw["files"].items()},
+            task=str(raw.get("task", "classification")),
+            accuracy_defined=_bool(raw.get("accuracy_defined", True), "accuracy_defined"),
+            hyperparameters=tuple(_hyper_spec(h) for h in raw.get("hyperparameters", [])),
+            micro_batch=None if raw.get("micro_batch") is None else int(raw["micro_batch"]),
+            precision=str(raw.get("precision", "fp32")),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"manifest is missing or has a bad field: {exc!r}") from exc
@@ -192,7 +275,59 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
     for required in ("train_step", "inference"):
         if required not in manifest.graphs:
             raise BundleError(f"manifest has no {required!r} graph")
+    _check_v2(manifest)
     return manifest
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise BundleError(f"manifest field {key!r} must be a boolean, got {value!r}")
+    return value
+
+
+def _hyper_spec(raw: dict[str, Any]) -> HyperParamSpec:
+    shape = tuple(int(d) for d in raw["shape"])
+    default = tuple(float(v) for v in raw["default"])
+    size = 1
+    for dim in shape:
+        size *= dim
+    if len(default) != size or str(raw["dtype"]) != "float32":
+        raise BundleError(f"hyper-parameter {raw.get('name')!r}: default does not fit float32{list(shape)}")
+    return HyperParamSpec(name=str(raw["name"]), shape=shape, dtype="float32", default=default)
+
+
+def _check_v2(manifest: Manifest) -> None:
+    _check_precision(manifest)
+    if manifest.task not in TASK_KINDS:
+        raise BundleError(f"unknown task kind {manifest.task!r}; expected one of {list(TASK_KINDS)}")
+    hyper = {h.name for h in manifest.hyperparameters}
+    names = {t.name for t in manifest.tensors}
+    for graph_name, graph in manifest.graphs.items():
+        unknown = sorted(set(graph.hyper_inputs) - hyper) + sorted(
+            (set(graph.global_inputs) | set(graph.mask_inputs) | set(graph.accumulator_inputs)) - names
+        )
+        if unknown:
+            raise BundleError(f"graph {graph_name!r} refers to unknown hyper-parameters or tensors: {unknown[:5]}")
+    accumulation = {"accumulate", "apply"} & set(manifest.graphs)
+    if accumulation and len(accumulation) != 2:
+        raise BundleError("manifest has only one of the 'accumulate' and 'apply' graphs")
+    if manifest.micro_batch is not None and (not accumulation or manifest.micro_batch < 1):
+        raise BundleError("micro_batch needs the 'accumulate' and 'apply' graphs and must be >= 1")
+    for t in manifest.tensors:
+        if t.personal and t.aggregate:
+            raise BundleError(f"tensor {t.name!r} is personal, so it cannot be aggregated")
+
+
+def _check_precision(manifest: Manifest) -> None:
+    if manifest.precision not in PRECISIONS:
+        raise BundleError(f"unknown precision {manifest.precision!r}; expected one of {list(PRECISIONS)}")
+    train = manifest.graphs["train_step"]
+    scaled = LOSS_SCALE_INPUT in train.inputs and FINITE_OUTPUT in train.outputs
+    if (manifest.precision == "fp16") != scaled:
+        raise BundleError(
+            f"precision {manifest.precision!r}: the train step must have the {LOSS_SCALE_INPUT!r} input and "
+            f"{FINITE_OUTPUT!r} output exactly when precision is 'fp16'"
+        )
 
 
 def _input_spec(raw: dict[str, Any]) -> InputSpec:

@@ -69,6 +69,10 @@ class TaskMessage:
     lr: float
     deadline_s: float
     weights: Tensors = field(default_factory=dict)
+    #: values for the bundle's graph-input hyper-parameters (manifest ``hyperparameters``)
+    hyperparameters: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
+    #: tensors whose trainable mask is 0 for this task (bundles exported with masks)
+    frozen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +139,12 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             "lr": message.lr,
             "deadline_s": message.deadline_s,
         }
+        if message.hyperparameters:  # optional fields: omitted when empty (older devices ignore them)
+            header["hyperparameters"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in message.hyperparameters.items()
+            }
+        if message.frozen:
+            header["frozen"] = list(message.frozen)
         return TASK, _base(message.device_id, message.round, message.task_id) | header, message.weights
     if isinstance(message, UpdateMessage):
         header = {
@@ -262,7 +272,42 @@ def _decode_task(h: _Header, payload: memoryview) -> TaskMessage:
         lr=h.float_field("lr"),
         deadline_s=h.float_field("deadline_s"),
         weights=_tensors(h, payload),
+        hyperparameters=_hyperparameters(h),
+        frozen=_frozen(h),
     )
+
+
+#: Caps on the optional TASK fields (the header itself is capped at 64 KiB).
+MAX_HYPERPARAMETER_VALUES = 4096
+
+
+def _hyperparameters(h: _Header) -> dict[str, float | tuple[float, ...]]:
+    if "hyperparameters" not in h.raw:
+        return {}
+    out: dict[str, float | tuple[float, ...]] = {}
+    for key, value in h.dict_field("hyperparameters").items():
+        if not key:
+            raise MalformedMessage("TASK hyperparameters has an empty name")
+        items = value if isinstance(value, list) else [value]
+        if not items or len(items) > MAX_HYPERPARAMETER_VALUES or not all(_finite_number(v) for v in items):
+            raise MalformedMessage(f"TASK hyperparameter {key!r} must be a finite number or a list of them")
+        out[key] = tuple(float(v) for v in items) if isinstance(value, list) else float(value)
+    return out
+
+
+def _frozen(h: _Header) -> tuple[str, ...]:
+    if "frozen" not in h.raw:
+        return ()
+    names = h.raw["frozen"]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise MalformedMessage("TASK field 'frozen' must be a list of tensor names")
+    if len(set(names)) != len(names):
+        raise MalformedMessage("TASK field 'frozen' names a tensor twice")
+    return tuple(names)
+
+
+def _finite_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _decode_update(h: _Header, payload: memoryview) -> UpdateMessage:

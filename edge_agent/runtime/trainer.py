@@ -1,19 +1,34 @@
 """On-device training and evaluation with plain onnxruntime.
 
-The train-step graph is a pure function ``(x, y, lr, tensors) -> (loss, correct, new tensors)``;
-this module feeds it mini-batches and threads the tensors from one step into the next.
+The train-step graph is a pure function ``(x, y, lr, ..., tensors) -> (loss, correct, new tensors)``;
+this module feeds it mini-batches and threads the tensors from one step into the next. Per task
+it also feeds the hyper-parameters (task values over manifest defaults), the FedProx global
+weights (the weights the task started from), the trainable masks, a step counter (1-based,
+continuing across epochs, for Adam's bias correction and on-device schedules) and a per-step
+seed. With micro-batching, each batch runs through ``accumulate`` once per micro-batch and
+``apply`` once (:mod:`model_export.accumulation` explains why that equals one big step).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from edge_agent.errors import TrainingError
+from edge_agent.errors import BundleError, TrainingError
+from edge_agent.protocol.manifest import FINITE_OUTPUT, LOSS_SCALE_INPUT
 from edge_agent.runtime.bundle import Bundle, Tensors, check_tensors
+from edge_agent.runtime.feeds import (
+    GraphRunner,
+    HyperValue,
+    accumulation_scales,
+    mask_values,
+    micro_slices,
+    resolve_hyperparameters,
+)
+from edge_agent.runtime.loss_scale import DynamicLossScaler
 
 #: Called after every step with (steps done, total steps, running mean loss).
 StepCallback = Callable[[int, int, float], None]
@@ -26,6 +41,10 @@ class TrainResult:
     steps: int
     loss: float
     accuracy: float
+    #: fp16 bundles: steps whose gradients overflowed and were not applied (not in loss/accuracy)
+    skipped_steps: int = 0
+    #: fp16 bundles: the dynamic loss scale after the last step
+    loss_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,26 +67,66 @@ def batch_slices(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]
 
 
 class OrtTrainer:
-    """Trains and evaluates one bundle's model. Create with :meth:`open`."""
+    """Trains and evaluates one bundle's model. Create with :meth:`open`.
+
+    ``micro_batch`` (default: the manifest's) splits every batch into micro-batches of at most
+    that size through the bundle's ``accumulate``/``apply`` graphs; 0 turns that off.
+
+    fp16 bundles (``manifest.precision``) get a :class:`DynamicLossScaler` (default: GradScaler's
+    settings; inject one to change them). It lives as long as the trainer, so the scale found in
+    one task carries over to the next; a step whose gradients are not finite is skipped.
+    """
 
     def __init__(
-        self, bundle: Bundle, train_session: ort.InferenceSession, inference_session: ort.InferenceSession
+        self,
+        bundle: Bundle,
+        train_session: ort.InferenceSession,
+        inference_session: ort.InferenceSession,
+        *,
+        accumulate_session: ort.InferenceSession | None = None,
+        apply_session: ort.InferenceSession | None = None,
+        micro_batch: int | None = None,
+        loss_scaler: DynamicLossScaler | None = None,
     ) -> None:
         self.bundle = bundle
         self._train = train_session
         self._infer = inference_session
         manifest = bundle.manifest
-        self._train_spec = manifest.graphs["train_step"]
+        self._train_runner = GraphRunner(train_session, manifest.graphs["train_step"])
         self._infer_spec = manifest.graphs["inference"]
         self._model_names = [t.name for t in manifest.model_tensors]
         self._state_names = [t.name for t in manifest.tensors]
-        self._output_names = [self._train_spec.outputs["loss"], self._train_spec.outputs["correct"]] + [
-            self._train_spec.tensor_outputs[name] for name in self._state_names
-        ]
+        self._accumulate = self._apply = None
+        self.micro_batch = 0
+        if accumulate_session is not None and apply_session is not None and micro_batch:
+            self._accumulate = GraphRunner(accumulate_session, manifest.graphs["accumulate"])
+            self._apply = GraphRunner(apply_session, manifest.graphs["apply"])
+            self.micro_batch = micro_batch
+        self.loss_scaler: DynamicLossScaler | None = None
+        if manifest.precision == "fp16":
+            self.loss_scaler = loss_scaler or DynamicLossScaler.initial()
 
     @classmethod
-    def open(cls, bundle: Bundle, *, threads: int = 1) -> OrtTrainer:
-        return cls(bundle, bundle.session("train_step", threads=threads), bundle.session("inference", threads=threads))
+    def open(
+        cls,
+        bundle: Bundle,
+        *,
+        threads: int = 1,
+        micro_batch: int | None = None,
+        loss_scaler: DynamicLossScaler | None = None,
+    ) -> OrtTrainer:
+        manifest = bundle.manifest
+        size = manifest.micro_batch if micro_batch is None else micro_batch
+        extra = {}
+        if size:
+            if "accumulate" not in manifest.graphs:
+                raise BundleError("micro-batching needs a bundle exported with micro_batch (no accumulate graph)")
+            extra = {
+                "accumulate_session": bundle.session("accumulate", threads=threads),
+                "apply_session": bundle.session("apply", threads=threads),
+            }
+        train, infer = bundle.session("train_step", threads=threads), bundle.session("inference", threads=threads)
+        return cls(bundle, train, infer, micro_batch=size, loss_scaler=loss_scaler, **extra)
 
     def train(
         self,
@@ -80,42 +139,99 @@ class OrtTrainer:
         lr: float,
         rng: np.random.Generator,
         on_step: StepCallback | None = None,
+        hyperparameters: Mapping[str, HyperValue] | None = None,
+        frozen: Sequence[str] = (),
+        global_weights: Tensors | None = None,
     ) -> TrainResult:
-        """Run ``epochs`` passes of mini-batch SGD from ``weights``; optimizer state starts at zero."""
-        check_tensors(self.bundle.manifest, weights, names=self._model_names)
+        """Run ``epochs`` passes of mini-batch training from ``weights``; optimizer state starts at zero.
+
+        ``hyperparameters`` override the manifest defaults, ``frozen`` names tensors whose mask is
+        0 for this task, ``global_weights`` (default ``weights``) is the FedProx anchor.
+        Raises :class:`ContractViolation` for unknown hyper-parameters or frozen names.
+        """
+        manifest = self.bundle.manifest
+        check_tensors(manifest, weights, names=self._model_names)
         self.check_data(x, y)
+        hyper = resolve_hyperparameters(manifest, hyperparameters)
+        masks = mask_values(manifest, frozen)
+        anchor = global_weights if global_weights is not None else weights
+        globals_ = {name: anchor[name] for g in manifest.graphs.values() for name in g.global_inputs}
         state: Tensors = {name: np.array(weights[name]) for name in self._model_names}
         state.update(self.bundle.zero_optimizer_state())
-        lr_value = np.array(lr, dtype=np.float32)
+        context = _StepContext(hyper=hyper, masks=masks, globals_=globals_, lr=np.array(lr, dtype=np.float32))
+        context.seed = int(rng.integers(0, 2**62))
         total_steps = epochs * len(batch_slices(len(x), batch_size, np.arange(len(x))))
-        loss_sum, correct_sum, seen, steps = 0.0, 0, 0, 0
+        loss_sum, correct_sum, seen, steps, skipped = 0.0, 0, 0, 0, 0
         for _ in range(epochs):
             for index in batch_slices(len(x), batch_size, rng.permutation(len(x))):
-                loss, correct = self._step(state, x[index], y[index], lr_value)
-                loss_sum += loss * len(index)
-                correct_sum += correct
-                seen += len(index)
+                context.step = steps - skipped + 1  # optimizer steps taken (Adam, schedules)
+                outcome: tuple[float, int] | None
+                if self.micro_batch and len(index) > self.micro_batch:
+                    outcome = self._accumulated_step(state, x, y, index, context)
+                else:
+                    outcome = self._step(state, x[index], y[index], context)
                 steps += 1
+                if outcome is None:
+                    skipped += 1
+                else:
+                    loss_sum += outcome[0] * len(index)
+                    correct_sum += outcome[1]
+                    seen += len(index)
                 if on_step is not None:
-                    on_step(steps, total_steps, loss_sum / seen)
+                    on_step(steps, total_steps, loss_sum / max(seen, 1))
         new_weights = {name: state[name] for name in self._model_names}
-        return TrainResult(new_weights, len(x), steps, loss_sum / max(seen, 1), correct_sum / max(seen, 1))
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else None
+        return TrainResult(
+            new_weights, len(x), steps, loss_sum / max(seen, 1), correct_sum / max(seen, 1), skipped, scale
+        )
 
-    def _step(self, state: Tensors, xb: np.ndarray, yb: np.ndarray, lr: np.ndarray) -> tuple[float, int]:
-        spec = self._train_spec
-        feeds = {spec.inputs["x"]: xb, spec.inputs["y"]: yb, spec.inputs["lr"]: lr}
-        for name in self._state_names:
-            feeds[spec.tensor_inputs[name]] = state[name]
-        try:
-            outputs = self._train.run(self._output_names, feeds)
-        except Exception as exc:  # onnxruntime's errors are untyped; translate at the boundary
-            raise TrainingError(f"train step failed in onnxruntime: {exc}") from exc
-        loss = float(outputs[0])
-        if not np.isfinite(loss):
-            raise TrainingError(f"loss became {loss}; lower the learning rate")
-        for name, value in zip(self._state_names, outputs[2:], strict=True):
-            state[name] = value
-        return loss, int(outputs[1])
+    def _step(self, state: Tensors, xb: np.ndarray, yb: np.ndarray, context: _StepContext) -> tuple[float, int] | None:
+        """One step; ``None`` when an fp16 step was skipped (state untouched)."""
+        fixed = context.fixed(xb, yb)
+        scaler = self.loss_scaler
+        if scaler is not None:
+            fixed[LOSS_SCALE_INPUT] = np.array(scaler.scale, dtype=np.float32)
+        out, new_state, _ = self._train_runner.run(
+            fixed, tensors=state, hyper=context.hyper, globals_=context.globals_, masks=context.masks
+        )
+        if scaler is not None:
+            finite = bool(out[FINITE_OUTPUT])
+            if scaler.is_exhausted(finite):
+                raise TrainingError(
+                    f"fp16 gradients overflow even at loss scale {scaler.scale:g} (loss {float(out['loss'])}); "
+                    "the data or the forward pass overflows fp16: lower the learning rate or use an fp32 bundle"
+                )
+            self.loss_scaler = scaler.update(finite)
+            if not finite:
+                return None
+        loss = _finite_loss(out["loss"])
+        state.update(new_state)
+        return loss, int(out["correct"])
+
+    def _accumulated_step(
+        self, state: Tensors, x: np.ndarray, y: np.ndarray, index: np.ndarray, context: _StepContext
+    ) -> tuple[float, int]:
+        assert self._accumulate is not None and self._apply is not None
+        parts = micro_slices(index, self.micro_batch)
+        scales = accumulation_scales(self.bundle.manifest, y, parts, context.hyper)
+        sums = {name: np.zeros_like(state[name]) for name in self._accumulate.spec.accumulator_inputs}
+        loss, correct = 0.0, 0
+        for part, scale in zip(parts, scales, strict=True):
+            fixed = context.fixed(x[part], y[part]) | {"scale": np.array(scale, dtype=np.float32)}
+            out, new_buffers, sums = self._accumulate.run(fixed, tensors=state, hyper=context.hyper, accumulators=sums)
+            loss += scale * _finite_loss(out["loss"])
+            correct += int(out["correct"])
+            state.update(new_buffers)
+        _, new_state, _ = self._apply.run(
+            context.fixed(None, None),
+            tensors=state,
+            hyper=context.hyper,
+            globals_=context.globals_,
+            masks=context.masks,
+            accumulators=sums,
+        )
+        state.update(new_state)
+        return loss, correct
 
     def predict(self, weights: Tensors, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
         """Logits for ``x`` with the model in inference mode."""
@@ -132,12 +248,24 @@ class OrtTrainer:
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.manifest.num_classes), np.float32)
 
     def evaluate(self, weights: Tensors, x: np.ndarray, y: np.ndarray) -> EvalResult:
-        """Mean cross-entropy and accuracy of ``weights`` on ``(x, y)``."""
+        """Plain loss and accuracy of ``weights`` on ``(x, y)`` in inference mode.
+
+        The loss is cross-entropy (classification), binary cross-entropy with logits (binary) or
+        MSE (regression), whatever the training loss; accuracy is NaN where not defined.
+        """
         check_tensors(self.bundle.manifest, weights, names=self._model_names)
         self.check_data(x, y)
         if len(x) == 0:
             return EvalResult(0, float("nan"), float("nan"))
         logits = self.predict(weights, x).astype(np.float64)
+        task = self.bundle.manifest.task
+        if task == "regression":
+            return EvalResult(len(x), float(((logits - y) ** 2).mean()), float("nan"))
+        if task == "binary":
+            target = y.astype(np.float64)
+            bce = np.maximum(logits, 0) - logits * target + np.log1p(np.exp(-np.abs(logits)))
+            hits = ((logits > 0) == (target > 0.5)).reshape(len(x), -1).all(axis=1)
+            return EvalResult(len(x), float(bce.mean()), float(hits.mean()))
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         loss = float(-log_probs[np.arange(len(y)), y].mean())
@@ -148,11 +276,49 @@ class OrtTrainer:
         """Raise :class:`TrainingError` unless ``(x, y)`` fits the model's input and label spec."""
         manifest = self.bundle.manifest
         expected = tuple(manifest.input.shape[1:])
-        if x.dtype != np.float32 or tuple(x.shape[1:]) != expected:
+        if x.dtype != np.dtype(manifest.input.dtype) or tuple(x.shape[1:]) != expected:
             raise TrainingError(
-                f"data x is {x.dtype}{list(x.shape)}, model expects float32[N, {', '.join(map(str, expected))}]"
+                f"data x is {x.dtype}{list(x.shape)}, model expects "
+                f"{manifest.input.dtype}[N, {', '.join(map(str, expected))}]"
             )
-        if y.dtype != np.int64 or y.shape != (len(x),):
-            raise TrainingError(f"labels y are {y.dtype}{list(y.shape)}, model expects int64[{len(x)}]")
-        if len(y) and (y.min() < 0 or y.max() >= manifest.num_classes):
+        label = manifest.label
+        label_shape = (len(x), *(int(d) for d in label.shape[1:] if d is not None))
+        if y.dtype != np.dtype(label.dtype) or y.shape != label_shape:
+            raise TrainingError(
+                f"labels y are {y.dtype}{list(y.shape)}, model expects {label.dtype}{list(label_shape)}"
+                f" ({manifest.task})"
+            )
+        if manifest.task == "classification" and len(y) and (y.min() < 0 or y.max() >= manifest.num_classes):
             raise TrainingError(f"labels must be in [0, {manifest.num_classes}); got {y.min()}..{y.max()}")
+
+
+@dataclass
+class _StepContext:
+    """What stays fixed during one task's training, plus the step counter and seed base."""
+
+    hyper: Tensors
+    masks: Tensors
+    globals_: Tensors
+    lr: np.ndarray
+    step: int = 1
+    seed: int = 0
+    _forward: int = 0
+
+    def fixed(self, xb: np.ndarray | None, yb: np.ndarray | None) -> dict[str, np.ndarray]:
+        """Fixed inputs for one graph run; every forward pass gets its own seed."""
+        self._forward += 1
+        values = {
+            "lr": self.lr,
+            "step": np.array(self.step, dtype=np.float32),
+            "seed": np.array((self.seed + self._forward) % 2**63, dtype=np.int64),
+        }
+        if xb is not None and yb is not None:
+            values |= {"x": xb, "y": yb}
+        return values
+
+
+def _finite_loss(value: np.ndarray) -> float:
+    loss = float(value)
+    if not np.isfinite(loss):
+        raise TrainingError(f"loss became {loss}; lower the learning rate")
+    return loss

@@ -1,15 +1,18 @@
-"""The convolution_backward decomposition against aten's own kernel (float64, no tracing)."""
+"""The decompositions against aten's own kernels or autograd (float64, no tracing)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edge_agent.errors import ExportError
 from model_export.decompositions import (
     BATCH_NORM_OPS,
+    conv,
     convolution,
     convolution_backward,
+    flash_attention_backward,
     threshold_backward,
     training_decompositions,
 )
@@ -44,10 +47,73 @@ def test_output_mask_skips_work() -> None:
     assert result[0] is None and result[1] is not None and result[2] is None
 
 
-def test_transposed_convolution_is_rejected() -> None:
-    x, w = torch.randn(2, 3, 5, 5), torch.randn(3, 4, 3, 3)
-    with pytest.raises(ExportError, match="transposed"):
-        convolution_backward(x, x, w, None, [1, 1], [0, 0], [1, 1], True, [0, 0], 1, [True, True, True])
+@pytest.mark.parametrize(
+    ("stride", "padding", "output_padding", "dilation", "groups"),
+    [(1, 0, 0, 1, 1), (2, 1, 1, 1, 1), (2, 1, 0, 2, 2), (3, 0, 2, 1, 4), (1, 1, 0, 1, 4)],
+)
+def test_transposed_matches_aten(stride: int, padding: int, output_padding: int, dilation: int, groups: int) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    w = torch.randn(4, 8 // groups, 3, 3, dtype=torch.float64)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, True, [output_padding] * 2, groups)
+    grad = torch.randn_like(aten.convolution(x, w, None, *args))
+    expected = aten.convolution_backward(grad, x, w, [8], *args, [True, True, True])
+    actual = convolution_backward(grad, x, w, [8], *args, [True, True, True])
+    for name, e, a in zip(("input", "weight", "bias"), expected, actual, strict=True):
+        assert a is not None, name
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=f"grad_{name}")
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, 1, 1, 1), (3, 2, 2, 2), (2, 0, 1, 4)]
+)
+def test_oversized_patches_fall_back(
+    monkeypatch: pytest.MonkeyPatch, stride: int, padding: int, dilation: int, groups: int
+) -> None:
+    monkeypatch.setattr(conv, "GEMM_PATCH_LIMIT", 0)  # every patch matrix is "too big"
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    w = torch.randn(8, 4 // groups, 3, 3, dtype=torch.float64)
+    args = ([stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], groups)
+    assert convolution(x, w, None, *args) is NotImplemented  # forward stays an ONNX Conv
+    grad = torch.randn_like(aten.convolution(x, w, None, *args))
+    expected = aten.convolution_backward(grad, x, w, [8], *args, [True, True, True])
+    actual = convolution_backward(grad, x, w, [8], *args, [True, True, True])
+    for e, a in zip(expected, actual, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_patch_size_guard() -> None:
+    x = torch.randn(2, 64, 32, 32)
+    assert conv.patch_elements(x, [3, 3], [1, 1], [1, 1], [1, 1]) == 32 * 32 * 9 * 64 > conv.GEMM_PATCH_LIMIT
+    assert conv.patch_elements(x, [1, 1], [1, 1], [0, 0], [1, 1]) == 0  # 1x1: the input itself
+    assert conv.patch_elements(torch.randn(2, 16, 4, 4), [3, 3], [1, 1], [1, 1], [1, 1]) <= conv.GEMM_PATCH_LIMIT
+
+
+@pytest.mark.parametrize(("causal", "mask"), [(False, None), (True, None), (False, "bool"), (False, "float")])
+def test_attention_backward_matches_autograd(causal: bool, mask: str | None) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(5, 5) > 0.3
+        attn_mask[:, 0] = True
+    elif mask == "float":
+        attn_mask = torch.randn(5, 5, dtype=torch.float64)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (q, k, v), grad)
+    actual = flash_attention_backward(
+        grad, q.detach(), k.detach(), v.detach(), out.detach(), out, 0.0, causal, attn_mask=attn_mask
+    )
+    for e, a in zip(expected, actual, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_dropout_is_refused() -> None:
+    q = torch.randn(1, 1, 2, 2)
+    with pytest.raises(ExportError, match="attention dropout"):
+        flash_attention_backward(q, q, q, q, q, q, 0.1, False)
 
 
 def test_table_covers_training_gaps() -> None:

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from model_export.decompositions import training_decompositions
-from model_export.pooling import max_pool2d_with_indices, max_pool2d_with_indices_backward
+from model_export.pooling import (
+    adaptive_avg_pool2d_backward,
+    avg_pool2d_backward,
+    max_pool2d_with_indices,
+    max_pool2d_with_indices_backward,
+)
 
 aten = torch.ops.aten
 
@@ -78,3 +83,41 @@ def test_traced_pool_step_matches_eager(kernel: int) -> None:
     traced = make_fx(step, decomposition_table=training_decompositions())(x)
     for actual, expected in zip(traced(x), step(x), strict=True):
         assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor"),
+    [
+        (2, 2, 0, False, True, None),  # tiling: Expand path
+        (3, 2, 1, False, True, None),  # overlapping + padding: ConvTranspose path
+        (3, 2, 1, True, False, None),
+        (2, 2, 0, True, True, None),  # ceil mode: a partial last window
+        (3, 1, 1, False, False, None),
+        (2, 2, 1, True, True, 3),
+        (3, 3, 0, True, True, None),
+    ],
+)
+def test_avg_pool_backward_matches_aten(
+    kernel: int, stride: int, padding: int, ceil_mode: bool, count_include_pad: bool, divisor: int | None
+) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    args = ([kernel] * 2, [stride] * 2, [padding] * 2, ceil_mode, count_include_pad, divisor)
+    grad = torch.randn_like(aten.avg_pool2d(x, *args))
+    expected = aten.avg_pool2d_backward(grad, x, *args)
+    torch.testing.assert_close(avg_pool2d_backward(grad, x, *args), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("out", [(1, 1), (2, 3), (3, 3), (7, 8)])
+def test_adaptive_avg_pool_backward_matches_aten(out: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    grad = torch.randn_like(aten._adaptive_avg_pool2d(x, list(out)))
+    expected = aten._adaptive_avg_pool2d_backward(grad, x)
+    torch.testing.assert_close(adaptive_avg_pool2d_backward(grad, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_avg_pool_backwards_are_in_the_table() -> None:
+    table = training_decompositions()
+    assert table[aten.avg_pool2d_backward.default] is avg_pool2d_backward
+    assert table[aten._adaptive_avg_pool2d_backward.default] is adaptive_avg_pool2d_backward

@@ -1,54 +1,39 @@
-"""Decomposition table used to trace train steps into plain, default-domain ONNX ops.
+"""Convolution forward and backward built from ops onnxruntime runs fast on CPU.
 
-``torch._decomp.core_aten_decompositions()`` lowers most of aten to a small core, but two gaps
-matter for on-device training (see FIELD_NOTES, "On-device training with onnxruntime"):
+``aten.convolution_backward`` has no decomposition in torch; :func:`convolution_backward`
+supplies one for plain, grouped (incl. depthwise) and transposed convolutions of any rank.
 
-* **BatchNorm in training mode.** Unless the batch-norm ops are decomposed into elementwise ops,
-  the ONNX exporter emits a ``BatchNormalization`` node in *inference* mode: the loss is silently
-  wrong and running statistics never update. :data:`BATCH_NORM_OPS` lists the ops to decompose.
-* **``aten.convolution_backward``** has no decomposition at all. :func:`convolution_backward`
-  supplies one built from ops onnxruntime runs fast on CPU.
+Speed (measured with onnxruntime's profiler on DigitsCNN; ``benchmarks/train_step.py``):
+ungrouped convolutions (forward, and grad-input when stride is 1) are one batch-wide GEMM over
+an im2col of a spatial-major ``[*spatial, N, C]`` view (:func:`_gemm_conv`): onnxruntime's
+``Conv``/``ConvTranspose`` run one tiny GEMM per example, and its multi-threaded ``Transpose``
+is only fast for 2-D permutations. grad-weight is ``grad_out^T @ cols`` on the same patches
+(shared with the forward by common-subexpression elimination). Grouped convolutions and strided
+grad-input keep ``Conv``/``ConvTranspose`` and a per-group batched GEMM.
 
-On top of filling gaps, a few ops are lowered differently for speed (measured with onnxruntime's
-profiler on DigitsCNN; ``benchmarks/train_step.py``):
-
-* ungrouped convolutions (forward, and grad-input when stride is 1) are one batch-wide GEMM over
-  an im2col of a spatial-major ``[*spatial, N, C]`` view (:func:`_gemm_conv`): onnxruntime's
-  ``Conv``/``ConvTranspose`` run one tiny GEMM per example, and its multi-threaded ``Transpose``
-  is only fast for 2-D permutations. grad-weight is ``grad_out^T @ cols`` on the same patches
-  (shared with the forward by common-subexpression elimination). Grouped convolutions and strided
-  grad-input keep ``Conv``/``ConvTranspose`` and a per-group batched GEMM;
-* ``threshold_backward`` (ReLU) multiplies by a 0/1 mask instead of using ``Where``;
-* non-overlapping max pools use :mod:`model_export.pooling` instead of ``MaxPool`` with indices
-  and a ``ScatterElements`` backward.
-
-Everything here is a pure function of its arguments.
+**Size guard.** An im2col patch matrix is ``K`` (kernel positions) times the activation. Above
+:data:`GEMM_PATCH_LIMIT` elements per example the GEMM paths are skipped: the forward stays an
+ONNX ``Conv`` and grad-weight becomes a convolution over batch/channel-swapped tensors
+(:func:`_grad_weight_conv`), neither of which materialises the patches for the whole batch.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch._decomp import core_aten_decompositions, get_decompositions
-
-from edge_agent.errors import ExportError
-from model_export import pooling
 
 aten = torch.ops.aten
 
-DecompositionTable = dict[Any, Callable[..., Any]]
+#: Largest im2col patch matrix per example (elements) for which the GEMM paths are used:
+#: 2**18 floats = 1 MiB per example, 128 MiB for a batch of 128. Small on-device CNNs are far
+#: below (DigitsCNN's biggest is 2,304); a 3x3 conv with 64 channels on 32x32 maps is above.
+GEMM_PATCH_LIMIT = 1 << 18
 
-#: BatchNorm variants that must be decomposed so training-mode BatchNorm is traced as math.
-BATCH_NORM_OPS = (
-    aten.native_batch_norm,
-    aten._native_batch_norm_legit_functional,
-    aten._native_batch_norm_legit,
-    aten._native_batch_norm_legit_no_training,
-)
+Convolution = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
 def _as_int(value: Any) -> int:
@@ -57,11 +42,39 @@ def _as_int(value: Any) -> int:
     return int(value)
 
 
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
 def _strided(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
     # x[..., ::step, ...] along `dim`; slicing with a step exports to a single ONNX Slice.
     index: list[slice] = [slice(None)] * x.dim()
     index[dim] = slice(None, None, step)
     return x[tuple(index)]
+
+
+def _out_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def patch_elements(
+    x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> int:
+    """Elements of one example's im2col patch matrix (``L * K * C``); 0 when it is the input itself."""
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(padding):
+        return 0  # a 1x1 convolution's patches are a reshape of the input
+    spatial = [_as_int(s) for s in x.shape[2:]]
+    out = [_out_size(spatial[d], kernel[d], stride[d], padding[d], dilation[d]) for d in range(len(kernel))]
+    return _prod(out) * _prod(kernel) * _as_int(x.shape[1])
+
+
+def _gemm_fits(
+    x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]
+) -> bool:
+    return patch_elements(x, kernel, stride, padding, dilation) <= GEMM_PATCH_LIMIT
 
 
 def _im2col_sliced(
@@ -101,17 +114,6 @@ def _spatial_major(x: torch.Tensor) -> torch.Tensor:
     """
     channels, spatial = _as_int(x.shape[1]), [_as_int(s) for s in x.shape[2:]]
     return x.reshape(-1, _prod(spatial)).t().reshape(*spatial, -1, channels)
-
-
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
-def _out_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (in_size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _patches(
@@ -170,8 +172,30 @@ def _gemm_conv(
     return y.reshape(_prod(out), -1).t().reshape(-1, out_channels, *out)
 
 
-def _gemm_applies(groups: int, transposed: bool, x: torch.Tensor) -> bool:
-    return groups == 1 and not transposed and x.dim() >= 3
+def _conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """A forward (non-transposed) convolution: batch-wide GEMM when it applies and fits, else ``Conv``."""
+    kernel = [_as_int(k) for k in weight.shape[2:]]
+    if groups == 1 and x.dim() >= 3 and _gemm_fits(x, kernel, stride, padding, dilation):
+        return _gemm_conv(x, weight, bias, stride, padding, dilation)
+    zeros = [0] * len(kernel)
+    return aten.convolution.default(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+
+
+def _conv_params(
+    stride: Sequence[Any], padding: Sequence[Any], dilation: Sequence[Any], spatial: int
+) -> tuple[list[int], list[int], list[int]]:
+    s, p, d = ([_as_int(v) for v in values] for values in (stride, padding, dilation))
+    if len(s) == 1 and spatial > 1:  # aten allows a single value for every spatial dim
+        s, p, d = s * spatial, p * spatial, d * spatial
+    return s, p, d
 
 
 def convolution(
@@ -185,20 +209,41 @@ def convolution(
     output_padding: Sequence[int],
     groups: int,
 ) -> Any:
-    """Forward convolution as a batch-wide GEMM; grouped/transposed ones stay ``Conv``/``ConvTranspose``."""
-    if not _gemm_applies(_as_int(groups), transposed, x):
+    """Forward convolution as a batch-wide GEMM; grouped/transposed/oversized ones stay ``Conv``/``ConvTranspose``."""
+    if _as_int(groups) != 1 or transposed or x.dim() < 3:
         return NotImplemented
     stride, padding, dilation = _conv_params(stride, padding, dilation, x.dim() - 2)
+    if not _gemm_fits(x, [_as_int(k) for k in weight.shape[2:]], stride, padding, dilation):
+        return NotImplemented
     return _gemm_conv(x, weight, bias, stride, padding, dilation)
 
 
-def _conv_params(
-    stride: Sequence[Any], padding: Sequence[Any], dilation: Sequence[Any], spatial: int
-) -> tuple[list[int], list[int], list[int]]:
-    s, p, d = ([_as_int(v) for v in values] for values in (stride, padding, dilation))
-    if len(s) == 1 and spatial > 1:  # aten allows a single value for every spatial dim
-        s, p, d = s * spatial, p * spatial, d * spatial
-    return s, p, d
+def _grad_weight_conv(
+    grad_output: torch.Tensor,
+    inp: torch.Tensor,
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """grad-weight as one convolution, without patches: batch and channels swap roles.
+
+    ``grad_w[o, c, a] = sum_{n, i} grad[n, o, i] * x_pad[n, c, i * stride + a * dilation]`` is a
+    convolution of ``x`` (batch ``C/G``, channels ``G*N``) with ``grad`` as the kernel, stride and
+    dilation exchanged; the result is cut to the kernel size.
+    """
+    kernel = [_as_int(k) for k in weight_shape[2:]]
+    batch, channels = inp.shape[0], _as_int(inp.shape[1])
+    spatial = [_as_int(s) for s in inp.shape[2:]]
+    rank = len(kernel)
+    xt = inp.reshape(batch, groups, channels // groups, *spatial).permute(2, 1, 0, *range(3, 3 + rank))
+    xt = xt.reshape(channels // groups, -1, *spatial)
+    gt = grad_output.transpose(0, 1)  # [O, N, *out]
+    out = aten.convolution.default(xt, gt, None, dilation, padding, stride, False, [0] * rank, groups)
+    for dim, k in enumerate(kernel):
+        out = out.narrow(2 + dim, 0, k)
+    return out.transpose(0, 1)
 
 
 def _grad_weight(
@@ -211,6 +256,8 @@ def _grad_weight(
     groups: int,
 ) -> torch.Tensor:
     kernel = [_as_int(k) for k in weight_shape[2:]]
+    if not _gemm_fits(inp, kernel, stride, padding, dilation):
+        return _grad_weight_conv(grad_output, inp, weight_shape, stride, padding, dilation, groups)
     out_channels = _as_int(weight_shape[0])
     if groups == 1:
         # Same patches as the forward GEMM (onnxruntime's common-subexpression elimination
@@ -222,9 +269,7 @@ def _grad_weight(
         return grad_w.reshape(out_channels, *kernel, -1).permute(0, spatial + 1, *range(1, spatial + 1))
     out_size = [_as_int(s) for s in grad_output.shape[2:]]
     in_per_group = _as_int(weight_shape[1])
-    k = 1
-    for size in kernel:
-        k *= size
+    k = _prod(kernel)
     cols = _im2col_sliced(inp, kernel, stride, padding, dilation, out_size)  # [N, C, K, L]
     batch = cols.shape[0]
     # [N, G, C/G*K, L] -> [G, C/G*K, N*L]
@@ -253,7 +298,7 @@ def _grad_input(
         # spatially flipped, in/out-swapped weight, padded by dilation * (k - 1) - padding.
         flipped = weight.flip(list(range(2, weight.dim()))).transpose(0, 1)
         pad = [f - p for f, p in zip(full_pad, padding, strict=True)]
-        return _gemm_conv(grad_output, flipped, None, stride, pad, dilation)
+        return _conv(grad_output, flipped, None, stride, pad, dilation, 1)
     # A transposed convolution maps an output-sized tensor back to input size; output_padding
     # recovers the rows/columns a strided forward convolution dropped.
     output_padding = []
@@ -277,44 +322,26 @@ def convolution_backward(
     output_padding: Sequence[int],
     groups: int,
     output_mask: Sequence[bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Decomposition of ``aten.convolution_backward`` for (grouped) non-transposed convolutions."""
-    if transposed:
-        raise ExportError("transposed convolutions (ConvTranspose layers) are not supported for training export")
+) -> Convolution:
+    """Decomposition of ``aten.convolution_backward`` for plain, grouped and transposed convolutions.
+
+    A transposed convolution ``y = conv_transpose(x, w)`` is the adjoint of ``conv(., w)``, so its
+    grad-input is the forward convolution ``conv(grad_y, w)`` and its grad-weight is the
+    grad-weight of that convolution with ``grad_y`` as input and ``x`` as output gradient.
+    """
     stride, padding, dilation = _conv_params(stride, padding, dilation, grad_output.dim() - 2)
     groups = _as_int(groups)
     grad_input = grad_weight = grad_bias = None
-    if output_mask[0]:
-        grad_input = _grad_input(grad_output, inp, weight, stride, padding, dilation, groups)
-    if output_mask[1]:
-        grad_weight = _grad_weight(grad_output, inp, weight.shape, stride, padding, dilation, groups)
+    if transposed:
+        if output_mask[0]:
+            grad_input = _conv(grad_output, weight, None, stride, padding, dilation, groups)
+        if output_mask[1]:
+            grad_weight = _grad_weight(inp, grad_output, weight.shape, stride, padding, dilation, groups)
+    else:
+        if output_mask[0]:
+            grad_input = _grad_input(grad_output, inp, weight, stride, padding, dilation, groups)
+        if output_mask[1]:
+            grad_weight = _grad_weight(grad_output, inp, weight.shape, stride, padding, dilation, groups)
     if output_mask[2] and bias_sizes is not None:
         grad_bias = grad_output.sum(dim=[0, *range(2, grad_output.dim())])
     return grad_input, grad_weight, grad_bias
-
-
-def threshold_backward(grad_output: torch.Tensor, inp: torch.Tensor, threshold: float) -> torch.Tensor:
-    """ReLU's backward as ``grad * (inp > threshold)``: a ``Mul`` by a 0/1 mask instead of ``Where``.
-
-    onnxruntime's ``Where`` is about ten times slower than ``Greater`` + ``Cast`` + ``Mul``. Equal to
-    aten's ``where(inp <= threshold, 0, grad)`` for finite gradients (an inf/NaN gradient at a
-    masked position gives NaN instead of 0; the trainer stops on a non-finite loss anyway).
-    """
-    return grad_output * (inp > threshold).to(grad_output.dtype)
-
-
-def training_decompositions() -> DecompositionTable:
-    """Table for tracing a *training* step: core aten + BatchNorm + convolution_backward."""
-    table: DecompositionTable = dict(core_aten_decompositions())
-    table.update(get_decompositions(list(BATCH_NORM_OPS)))
-    table[aten.convolution.default] = convolution
-    table[aten.convolution_backward.default] = convolution_backward
-    table[aten.threshold_backward.default] = threshold_backward
-    table[aten.max_pool2d_with_indices.default] = pooling.max_pool2d_with_indices
-    table[aten.max_pool2d_with_indices_backward.default] = pooling.max_pool2d_with_indices_backward
-    return table
-
-
-def inference_decompositions() -> DecompositionTable:
-    """Table for tracing inference: core aten only, so eval-mode BatchNorm stays one fused op."""
-    return dict(core_aten_decompositions())
