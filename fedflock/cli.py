@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("export", help="turn a PyTorch model into an on-device training bundle")
     exp.add_argument("factory", metavar="MODULE:FACTORY", help="e.g. model_export.models:digits_cnn")
-    exp.add_argument("--input-shape", type=_shape, required=True, metavar="C,H,W")
+    exp.add_argument("--input-shape", type=_shape, required=True, metavar="C,H,W", help="one example, no batch")
+    exp.add_argument("--input-dtype", choices=("float32", "int64"), default="float32", help="int64 for token ids")
     exp.add_argument("--num-classes", type=int, required=True)
     exp.add_argument("--out", type=Path, required=True)
     add_export_options(exp)
@@ -120,6 +121,7 @@ def run_export(args: argparse.Namespace) -> int:
     path = export_bundle(
         model,
         input_shape=args.input_shape,
+        input_dtype=args.input_dtype,
         num_classes=args.num_classes,
         out_dir=args.out,
         precision=args.precision,

@@ -30,6 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from edge_agent.errors import ConfigError, ExportError
 from edge_agent.protocol.manifest import (
     FORMAT_VERSION,
+    MANIFEST_FILE,
     GraphSpec,
     InputSpec,
     Manifest,
@@ -76,6 +77,10 @@ from model_export.verify import check_against_eager, example_input, explain_fail
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.fft"
+#: Written when ``export_bundle(signer=...)`` is given; verification arrives with issue #7.
+SIGNATURE_FILE = "manifest.sig"
+#: Signs the manifest bytes (e.g. an ed25519 private key's ``sign``); returns the signature.
+Signer = Callable[[bytes], bytes]
 __all__ = ["INFERENCE_FILE", "OUTPUT_PREFIX", "TRAIN_FILE", "WEIGHTS_FILE", "export_bundle", "load_factory"]
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
 
@@ -109,6 +114,7 @@ def export_bundle(
     precision: str = "fp32",
     opset: int = 18,
     name: str | None = None,
+    signer: Signer | None = None,
 ) -> Path:
     """Export ``model`` as a training bundle into ``out_dir`` (created if needed); returns it.
 
@@ -122,6 +128,7 @@ def export_bundle(
     ``apply`` graphs for gradient accumulation and is the default micro-batch size.
     ``precision="fp16"`` computes the train step in fp16 with fp32 master tensors and a dynamic
     loss scale (:mod:`model_export.precision`); not combinable with ``micro_batch`` yet.
+    ``signer`` (manifest bytes -> signature) writes ``manifest.sig`` next to the manifest.
     Raises :class:`ExportError` for unsupported losses, optimizers, layers or a failed export.
     """
     resolved = resolve_loss(loss, num_classes)
@@ -177,6 +184,8 @@ def export_bundle(
         files={f: sha256_file(out / f) for f in (*(g.file for g in planned), WEIGHTS_FILE)},
     )
     digest = write_manifest(out, manifest)
+    if signer is not None:  # the manifest pins every file's sha256: one signature covers the bundle
+        (out / SIGNATURE_FILE).write_bytes(signer((out / MANIFEST_FILE).read_bytes()))
     log.info("exported bundle %s (%s) in %.1f s", out, digest[:12], time.monotonic() - started)
     return out
 

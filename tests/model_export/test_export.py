@@ -252,3 +252,23 @@ def test_load_factory() -> None:
         load_factory("model_export.models")
     with pytest.raises(ConfigError):
         load_factory("model_export.models:nope")
+
+
+def test_signer_signs_the_exact_manifest_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    from model_export.exporter import SIGNATURE_FILE
+
+    seen: list[bytes] = []
+
+    def signer(data: bytes) -> bytes:
+        seen.append(data)
+        return b"sig:" + hashlib.sha256(data).digest()
+
+    out = export_bundle(
+        nn.Sequential(nn.Linear(3, 2)), input_shape=(3,), num_classes=2, out_dir=tmp_path / "b", signer=signer
+    )
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    assert seen == [manifest_bytes]
+    assert (out / SIGNATURE_FILE).read_bytes() == b"sig:" + hashlib.sha256(manifest_bytes).digest()
+    load_manifest(out)  # an extra signature file does not disturb verification
