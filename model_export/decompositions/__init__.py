@@ -28,6 +28,7 @@ import torch
 from torch._decomp import core_aten_decompositions, get_decompositions
 
 from model_export import pooling
+from model_export.decompositions import batch_norm
 from model_export.decompositions.attention import flash_attention_backward
 from model_export.decompositions.conv import GEMM_PATCH_LIMIT, convolution, convolution_backward
 
@@ -70,6 +71,11 @@ def training_decompositions() -> DecompositionTable:
     """Table for tracing a *training* step: core aten + the gaps and fast paths listed above."""
     table: DecompositionTable = dict(core_aten_decompositions())
     table.update(get_decompositions(list(BATCH_NORM_OPS)))
+    table[aten.native_batch_norm.default] = batch_norm.native_batch_norm
+    table[aten._native_batch_norm_legit.default] = batch_norm.native_batch_norm
+    table[aten._native_batch_norm_legit.no_stats] = batch_norm.native_batch_norm_legit_no_stats
+    table[aten._native_batch_norm_legit_functional.default] = batch_norm.native_batch_norm_legit_functional
+    table[aten.native_batch_norm_backward.default] = batch_norm.native_batch_norm_backward
     table[aten.convolution.default] = convolution
     table[aten.convolution_backward.default] = convolution_backward
     table[aten.threshold_backward.default] = threshold_backward

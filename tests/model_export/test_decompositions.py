@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from edge_agent.errors import ExportError
 from model_export.decompositions import (
     BATCH_NORM_OPS,
+    batch_norm,
     conv,
     convolution,
     convolution_backward,
@@ -151,3 +152,57 @@ def test_threshold_backward_matches_aten() -> None:
     for threshold in (0.0, 0.5):
         expected = aten.threshold_backward(grad, x, threshold)
         assert torch.equal(threshold_backward(grad, x, threshold), expected)
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 4, 3, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("stats", [True, False])
+def test_batch_norm_training_matches_aten(shape: tuple[int, ...], affine: bool, stats: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    channels = shape[1]
+    w = torch.randn(channels, dtype=torch.float64) if affine else None
+    b = torch.randn(channels, dtype=torch.float64) if affine else None
+    rm = torch.randn(channels, dtype=torch.float64) if stats else None
+    rv = torch.rand(channels, dtype=torch.float64) + 0.5 if stats else None
+    ours_rm, ours_rv = (rm.clone(), rv.clone()) if rm is not None and rv is not None else (None, None)
+    ref_rm, ref_rv = (rm.clone(), rv.clone()) if rm is not None and rv is not None else (None, None)
+    expected = aten.native_batch_norm(x, w, b, ref_rm, ref_rv, True, 0.1, 1e-5)
+    got = batch_norm.native_batch_norm(x, w, b, ours_rm, ours_rv, True, 0.1, 1e-5)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    if stats:
+        torch.testing.assert_close(ours_rm, ref_rm, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours_rv, ref_rv, rtol=1e-10, atol=1e-10)  # unbiased variance
+        functional = batch_norm.native_batch_norm_legit_functional(x, w, b, rm, rv, True, 0.1, 1e-5)
+        for g, e in zip(functional, (*expected, ref_rm, ref_rv), strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    else:
+        no_stats = batch_norm.native_batch_norm_legit_no_stats(x, w, b, True, 0.1, 1e-5)
+        for g, e in zip(no_stats, expected, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+    _, mean, rstd = expected
+    grad = torch.randn_like(x)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        if not affine and mask[1]:
+            mask = [mask[0], False, False]
+        ref = aten.native_batch_norm_backward(grad, x, w, rm, rv, mean, rstd, True, 1e-5, mask)
+        ours = batch_norm.native_batch_norm_backward(grad, x, w, rm, rv, mean, rstd, True, 1e-5, mask)
+        for g, e in zip(ours, ref, strict=True):
+            if e is None:
+                assert g is None
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_batch_norm_eval_uses_torch() -> None:
+    x = torch.randn(4, 3, 5)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    assert batch_norm.native_batch_norm(x, None, None, rm, rv, False, 0.1, 1e-5) is NotImplemented
+    table = training_decompositions()
+    assert table[aten.native_batch_norm.default] is batch_norm.native_batch_norm
+    assert table[aten.native_batch_norm_backward.default] is batch_norm.native_batch_norm_backward
+    grad = torch.randn_like(x)
+    ref = aten.native_batch_norm_backward(grad, x, None, rm, rv, None, None, False, 1e-5, [True, False, False])
+    ours = batch_norm.native_batch_norm_backward(grad, x, None, rm, rv, None, None, False, 1e-5, [True, False, False])
+    torch.testing.assert_close(ours[0], ref[0])
