@@ -261,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # amqtt warns about its own PUBACK bookkeeping on QoS 1 re-sends; nothing a user can act on
+    logging.getLogger("amqtt").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
         return COMMANDS[args.command](args)
     except FedflockError as exc:
