@@ -13,6 +13,7 @@ validate topics and hand over messages identically.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "InMemoryTransport",
     "Inbox",
     "topic_matches",
+    "validate_expiry",
     "validate_qos",
     "validate_topic",
     "validate_topic_filter",
@@ -78,6 +80,16 @@ def validate_topic_filter(topic_filter: str) -> None:
 def validate_qos(qos: int) -> None:
     if qos not in (0, 1, 2):
         raise TransportError(f"qos must be 0, 1 or 2, not {qos!r}")
+
+
+def validate_expiry(expiry_s: float | None) -> None:
+    """``expiry_s`` of a publish: ``None`` (never expires) or a finite number of seconds > 0."""
+    if expiry_s is None:
+        return
+    if isinstance(expiry_s, bool) or not isinstance(expiry_s, (int, float)):
+        raise TransportError(f"expiry_s must be a number of seconds, not {expiry_s!r}")
+    if not (math.isfinite(expiry_s) and expiry_s > 0):
+        raise TransportError(f"expiry_s must be finite and > 0, not {expiry_s!r}")
 
 
 def _validate_common(name: str, what: str) -> None:
@@ -247,9 +259,18 @@ class InMemoryTransport:
             if self._session is None or not self._session.connected:
                 self._session = self._broker._connect(self._client_id, self._inbox, self._will, self._filters)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: float | None = None
+    ) -> None:
+        """Deliver at once to every matching subscriber.
+
+        ``expiry_s`` is validated like the MQTT backend does, then ignored: delivery here is
+        synchronous, so nothing waits in a queue long enough to expire, and retained messages
+        are kept until cleared (like a broker on MQTT 3.1.1).
+        """
         validate_topic(topic)
         validate_qos(qos)
+        validate_expiry(expiry_s)
         self._broker._publish_from(self._require_session(), topic, bytes(payload), retain=retain)
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:

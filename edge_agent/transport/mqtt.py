@@ -1,11 +1,19 @@
-"""MQTT 3.1.1 :class:`~edge_agent.transport.base.Transport` over paho-mqtt.
+"""MQTT 5 / 3.1.1 :class:`~edge_agent.transport.base.Transport` over paho-mqtt.
 
-This is the only module in fedflock that imports paho. paho's network thread (``loop_start``)
-does all socket I/O; its callbacks only copy data into queues and flags, never run user code.
+This is the only module in fedflock that imports paho; its configuration and paho-free helpers
+live in ``mqtt_config.py``. paho's network thread (``loop_start``) does all socket I/O; its
+callbacks only copy data into queues and flags, never run user code.
 
 Choices worth knowing:
 
-* The protocol is pinned to MQTT 3.1.1 because the embedded amqtt broker refuses MQTT 5.
+* ``protocol="auto"`` asks with a bare MQTT 5 CONNECT on a throwaway connection first and, if
+  the broker refuses MQTT 5 (amqtt), uses 3.1.1 for this transport and all its reconnects. Not
+  with the real CONNECT: amqtt 0.12 never answers (nor closes) an MQTT 5 CONNECT with a will.
+* MQTT 5 only: message and session expiry, failure reason codes in CONNACK/SUBACK/PUBACK raised
+  as :class:`TransportError` naming the code, and the broker's Maximum Packet Size enforced
+  before sending (paho does not check it; the broker would disconnect us). On 3.1.1 expiries
+  are ignored and a broker that refuses a publish still acknowledges it. paho 2.2 ignores PUBREC
+  reason codes, so a refused QoS 2 publish looks successful even on MQTT 5.
 * paho's reconnect backoff doubles with no jitter, so after a broker restart a whole fleet would
   reconnect in lockstep. Before every reconnect attempt we compute our own jittered exponential
   delay (:func:`reconnect_delay`) and hand it to paho through ``reconnect_delay_set``.
@@ -21,100 +29,28 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.errors import ConfigError, TransportError
-from edge_agent.transport.base import InboundMessage, Will
+from edge_agent.errors import TransportError
+from edge_agent.transport import mqtt_config
+from edge_agent.transport.base import InboundMessage
 from edge_agent.transport.memory import Inbox, validate_qos, validate_topic, validate_topic_filter
+from edge_agent.transport.mqtt_config import Backoff, MqttConfig, parse_mqtt_url, reconnect_delay
 
 __all__ = ["MqttConfig", "MqttTransport", "parse_mqtt_url", "reconnect_delay"]
 
 _log = logging.getLogger(__name__)
-_paho_log = _log.getChild("paho")
-_DEFAULT_PORT = 1883
-
-
-@dataclass(frozen=True, kw_only=True)
-class MqttConfig:
-    """Everything needed to reach one broker; validated on construction."""
-
-    host: str
-    port: int = _DEFAULT_PORT
-    client_id: str
-    keepalive: int = 30
-    connect_timeout: float = 10.0
-    publish_timeout: float = 30.0
-    will: Will | None = None
-    birth: Will | None = None
-    """Published on every (re)connect: the counterpart of the will. A device's retained "online"
-    status must come back after the broker published its "offline" will during an outage."""
-    reconnect_min_delay: float = 1.0
-    reconnect_max_delay: float = 60.0
-    reconnect_jitter: float = 1.0
-    """Each reconnect delay is stretched by a random fraction in ``[0, reconnect_jitter]``."""
-    clean_session: bool = True
-    """``False`` asks the broker to keep subscriptions and queued QoS >= 1 messages while offline."""
-    username: str | None = None
-    password: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise ConfigError("mqtt host must not be empty")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"mqtt port {self.port} is out of range")
-        if not self.client_id:
-            raise ConfigError("mqtt client_id must not be empty")
-        if self.keepalive < 0 or self.connect_timeout <= 0 or self.publish_timeout <= 0:
-            raise ConfigError("keepalive must be >= 0 and timeouts > 0")
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay or self.reconnect_jitter < 0:
-            raise ConfigError("need 0 < reconnect_min_delay <= reconnect_max_delay and reconnect_jitter >= 0")
-        if self.password is not None and self.username is None:
-            raise ConfigError("an mqtt password needs a username")
-
-
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """Split ``mqtt://host[:port]`` into ``(host, port)``; anything else is a :class:`ConfigError`.
-
-    Credentials and TLS are deliberately not accepted here: they belong in :class:`MqttConfig`,
-    not in a URL that ends up in logs.
-    """
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"invalid mqtt url {url!r}: {exc}") from exc
-    if parts.scheme != "mqtt":
-        raise ConfigError(f"invalid mqtt url {url!r}: scheme must be 'mqtt'")
-    if not parts.hostname:
-        raise ConfigError(f"invalid mqtt url {url!r}: missing host")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"invalid mqtt url {url!r}: put credentials in the config, not the url")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(f"invalid mqtt url {url!r}: unexpected path, query or fragment")
-    if port == 0:
-        raise ConfigError(f"invalid mqtt url {url!r}: port 0")
-    return parts.hostname, _DEFAULT_PORT if port is None else port
-
-
-def reconnect_delay(attempt: int, *, min_delay: float, max_delay: float, jitter: float, rng: random.Random) -> float:
-    """Delay before reconnect attempt ``attempt`` (0-based): capped doubling plus random jitter.
-
-    The jitter is added on top of the cap so that devices which all hit ``max_delay`` still
-    spread out instead of hammering a recovering broker at the same instant.
-    """
-    base = min(max_delay, min_delay * 2.0 ** min(attempt, 62))
-    return base + rng.uniform(0.0, jitter * base)
 
 
 class MqttTransport:
-    """:class:`~edge_agent.transport.base.Transport` over a real MQTT 3.1.1 broker.
+    """:class:`~edge_agent.transport.base.Transport` over a real MQTT 5 or 3.1.1 broker.
 
     No I/O happens before :meth:`start`. Subscriptions are recorded and re-sent on every
     (re)connect, so they survive broker restarts even with clean sessions. Single-use: once
@@ -123,7 +59,7 @@ class MqttTransport:
 
     def __init__(self, config: MqttConfig, *, rng: random.Random | None = None) -> None:
         self._config = config
-        self._rng = rng if rng is not None else random.Random()
+        self._backoff = Backoff(config, rng)
         self._inbox = Inbox()
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
@@ -133,8 +69,12 @@ class MqttTransport:
         self._connack = threading.Event()
         self._connect_error: str | None = None
         self._resubscribe_mid: int | None = None
-        self._attempt = 0
         self._closed = False
+        self._protocol = config.protocol if config.protocol != mqtt_config.PROTOCOL_AUTO else mqtt_config.PROTOCOL_V5
+        self._protocol_in_use: str | None = None
+        self._max_packet_size: int | None = None
+        self._publish_failures: dict[int, str] = {}  # mid -> failure reason code of its PUBACK
+        self._last_disconnect: str | None = None
 
     @property
     def config(self) -> MqttConfig:
@@ -144,38 +84,53 @@ class MqttTransport:
         client = self._client
         return client is not None and client.is_connected()
 
+    @property
+    def protocol_in_use(self) -> str:
+        """``"5"`` or ``"3.1.1"``: what :meth:`start` negotiated (kept for every reconnect)."""
+        if self._protocol_in_use is None:
+            raise TransportError(f"transport {self._config.client_id!r} is not started")
+        return self._protocol_in_use
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The broker's Maximum Packet Size from the last MQTT 5 CONNACK; ``None`` if it set none."""
+        return self._max_packet_size
+
     def start(self) -> None:
         cfg = self._config
-        with self._lock:
-            if self._closed:
-                raise TransportError(f"transport {cfg.client_id!r} is closed")
-            if self._client is not None:
-                return
-            client = self._make_client()
-            self._client = client
         deadline = time.monotonic() + cfg.connect_timeout
-        try:
-            client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
-        except (OSError, ValueError) as exc:
-            self._abort_start(client)
-            raise TransportError(f"cannot connect to mqtt://{cfg.host}:{cfg.port}: {exc}") from exc
-        client.loop_start()
-        if not self._connack.wait(max(0.0, deadline - time.monotonic())):
-            self._abort_start(client)
-            raise TransportError(f"no CONNACK from mqtt://{cfg.host}:{cfg.port} within {cfg.connect_timeout}s")
-        if self._connect_error is not None:
-            self._abort_start(client)
-            raise TransportError(f"mqtt://{cfg.host}:{cfg.port} refused the connection: {self._connect_error}")
+        if cfg.protocol == mqtt_config.PROTOCOL_AUTO and self._client is None and not self._closed:
+            self._protocol = mqtt_config.PROTOCOL_V5 if self._probe_v5(deadline) else mqtt_config.PROTOCOL_V311
+        client = self._new_client()
+        if client is None:
+            return
+        self._connect(client, deadline)
+        self._protocol_in_use = self._protocol
         mid = self._resubscribe_mid
         if mid is not None:
             self._await_suback(mid, max(0.0, deadline - time.monotonic()))
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: float | None = None
+    ) -> None:
+        """Publish; QoS >= 1 waits for the PUBACK and raises if it carries a failure reason code.
+
+        ``expiry_s`` becomes the MQTT 5 Message Expiry Interval (whole seconds, rounded up); on
+        MQTT 3.1.1 it is ignored. A payload that would make the PUBLISH packet larger than the
+        broker's Maximum Packet Size is refused here instead of being sent.
+        """
         validate_topic(topic)
         validate_qos(qos)
+        interval = mqtt_config.message_expiry_interval(expiry_s)
         client = self._require_client()
+        data = bytes(payload)
+        properties = _properties(PacketTypes.PUBLISH, MessageExpiryInterval=interval) if self._v5 else None
+        limit = self._max_packet_size
+        if limit is not None:  # only ever set on MQTT 5, where an empty property block is 1 byte
+            props_size = len(properties.pack()) if properties is not None else 1
+            mqtt_config.check_packet_size(topic, len(data), qos=qos, properties_size=props_size, limit=limit)
         try:
-            info = client.publish(topic, bytes(payload), qos=qos, retain=retain)
+            info = client.publish(topic, data, qos=qos, retain=retain, properties=properties)
         except ValueError as exc:
             raise TransportError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -187,7 +142,12 @@ class MqttTransport:
         except (RuntimeError, ValueError) as exc:
             raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
         if not info.is_published():
-            raise TransportError(f"publish to {topic!r} not acknowledged within {self._config.publish_timeout}s")
+            last = f" (last disconnect: {self._last_disconnect})" if self._last_disconnect else ""
+            raise TransportError(f"publish to {topic!r} not acknowledged within {self._config.publish_timeout}s{last}")
+        with self._acks:
+            failure = self._publish_failures.pop(info.mid, None)
+        if failure is not None:
+            raise TransportError(f"broker refused the publish to {topic!r}: {failure}")
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """Record the subscription and, if connected, wait for the broker's SUBACK.
@@ -237,15 +197,28 @@ class MqttTransport:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _new_client(self) -> mqtt.Client | None:
+        """A fresh paho client for the current protocol; ``None`` if one is already running."""
+        with self._lock:
+            if self._closed:
+                raise TransportError(f"transport {self._config.client_id!r} is closed")
+            if self._client is not None:
+                return None
+            self._client = self._make_client()
+            return self._client
+
     def _make_client(self) -> mqtt.Client:
         cfg = self._config
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            clean_session=cfg.clean_session,
-            protocol=mqtt.MQTTv311,
-        )
-        client.on_log = _on_paho_log
+        if self._v5:  # clean start and session expiry are sent by connect()
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                clean_session=cfg.clean_session,
+                protocol=mqtt.MQTTv311,
+            )
+        client.on_log = mqtt_config.forward_paho_log
         client.connect_timeout = cfg.connect_timeout
         if cfg.will is not None:
             client.will_set(cfg.will.topic, cfg.will.payload, qos=cfg.will.qos, retain=cfg.will.retain)
@@ -256,7 +229,60 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
+
+    def _probe_v5(self, deadline: float) -> bool:
+        """Whether the broker speaks MQTT 5, asked with a bare CONNECT: no will, no credentials,
+        empty client id (so no session of ours is touched), clean start; DISCONNECT right after.
+
+        Any CONNACK but "Unsupported protocol version" proves MQTT 5, even a refusal (the real
+        CONNECT will report that); a connection closed without CONNACK means 3.1.1.
+        """
+        cfg = self._config
+        probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
+        probe.on_log = mqtt_config.forward_paho_log
+        probe.connect_timeout = cfg.connect_timeout
+        codes: list[ReasonCode] = []
+        probe.on_connect = lambda client, userdata, flags, code, properties: codes.append(code)
+        try:
+            probe.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
+            while not codes and time.monotonic() < deadline:
+                if probe.loop(timeout=min(0.1, max(0.0, deadline - time.monotonic()))) != mqtt.MQTT_ERR_SUCCESS:
+                    break  # closed by the broker
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to mqtt://{cfg.host}:{cfg.port}: {exc}") from exc
+        finally:
+            probe.disconnect()
+        if not codes and time.monotonic() >= deadline:
+            raise TransportError(f"no CONNACK from mqtt://{cfg.host}:{cfg.port} within {cfg.connect_timeout}s")
+        return bool(codes) and codes[0].value != mqtt_config.UNSUPPORTED_PROTOCOL_VERSION
+
+    def _connect(self, client: mqtt.Client, deadline: float) -> None:
+        """Connect ``client`` and wait for a successful CONNACK, else clean up and raise."""
+        cfg = self._config
+        v5_args: dict[str, Any] = {}  # paho refuses these on 3.1.1, where clean_session went to Client()
+        if self._v5:
+            expiry = mqtt_config.session_expiry_interval(cfg.clean_session, cfg.session_expiry_s)
+            properties = _properties(PacketTypes.CONNECT, SessionExpiryInterval=expiry)
+            v5_args = {"clean_start": cfg.clean_session, "properties": properties}
+        try:
+            client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **v5_args)
+        except (OSError, ValueError) as exc:
+            self._abort_start(client)
+            raise TransportError(f"cannot connect to mqtt://{cfg.host}:{cfg.port}: {exc}") from exc
+        client.loop_start()
+        if not self._connack.wait(max(0.0, deadline - time.monotonic())):
+            self._abort_start(client)
+            raise TransportError(f"no CONNACK from mqtt://{cfg.host}:{cfg.port} within {cfg.connect_timeout}s")
+        error = self._connect_error
+        if error is not None:
+            self._abort_start(client)
+            raise TransportError(f"mqtt://{cfg.host}:{cfg.port} refused the connection: {error}")
+
+    @property
+    def _v5(self) -> bool:
+        return self._protocol == mqtt_config.PROTOCOL_V5
 
     def _abort_start(self, client: mqtt.Client) -> None:
         """Undo a failed start so no network thread keeps retrying behind the caller's back."""
@@ -280,7 +306,7 @@ class MqttTransport:
             if not self._acks.wait_for(lambda: mid in self._subacks, timeout):
                 raise TransportError(f"no SUBACK within {timeout:.1f}s")
             codes = self._subacks.pop(mid)
-        refused = [str(code) for code in codes if code.is_failure]
+        refused = [_describe(code) for code in codes if code.is_failure]
         if refused:
             raise TransportError(f"broker refused subscription: {', '.join(refused)}")
 
@@ -289,15 +315,7 @@ class MqttTransport:
 
         Called from on_disconnect / on_connect_fail, which paho runs right before it sleeps.
         """
-        cfg = self._config
-        delay = reconnect_delay(
-            self._attempt,
-            min_delay=cfg.reconnect_min_delay,
-            max_delay=cfg.reconnect_max_delay,
-            jitter=cfg.reconnect_jitter,
-            rng=self._rng,
-        )
-        self._attempt += 1
+        delay = self._backoff.next_delay()
         # paho annotates the delays as int but only does float arithmetic with them.
         client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 
@@ -307,10 +325,11 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            self._connect_error = str(reason_code)
+            self._connect_error = _describe(reason_code)
             self._connack.set()
             return
-        self._attempt = 0
+        self._backoff.reset()
+        self._max_packet_size = getattr(properties, "MaximumPacketSize", None)  # MQTT 5 only
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         with self._acks:
@@ -330,8 +349,12 @@ class MqttTransport:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
+        if flags.is_disconnect_packet_from_server:
+            self._last_disconnect = _describe(reason_code)
         if not self._closed:
-            _log.warning("mqtt %s lost its connection (%s); reconnecting", self._config.client_id, reason_code)
+            _log.warning(
+                "mqtt %s lost its connection (%s); reconnecting", self._config.client_id, _describe(reason_code)
+            )
             self._schedule_reconnect(client)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -348,14 +371,28 @@ class MqttTransport:
         with self._acks:
             self._subacks[mid] = list(reason_codes)
             self._acks.notify_all()
+        refused = [_describe(code) for code in reason_codes if code.is_failure]
+        if refused and mid == self._resubscribe_mid and self._protocol_in_use is not None:  # nobody awaits it
+            _log.warning("mqtt %s: broker refused resubscription: %s", self._config.client_id, ", ".join(refused))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, props: Any) -> None:
+        """Record PUBACK failures for ``publish``, which reads them after this returns (paho marks a
+        message published only then). A success clears a stale entry of a reused mid."""
+        with self._acks:
+            if reason_code.is_failure:
+                self._publish_failures[mid] = _describe(reason_code)
+            else:
+                self._publish_failures.pop(mid, None)
 
 
-def _on_paho_log(client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
-    """Forward paho's log at DEBUG, except exceptions escaping our callbacks.
+def _properties(packet_type: int, **values: int | None) -> Properties | None:
+    """MQTT 5 properties holding the non-zero ``values``; ``None`` if there are none."""
+    properties = Properties(packet_type)
+    for name, value in values.items():
+        if value:
+            setattr(properties, name, value)
+    return None if properties.isEmpty() else properties
 
-    paho reports routine conditions at ERROR ("Client is not connected" after every clean close
-    and every failed reconnect attempt); real failures reach callers as TransportError instead.
-    """
-    severity = logging.ERROR if message.startswith("Caught exception") else logging.DEBUG
-    if _paho_log.isEnabledFor(severity):
-        _paho_log.log(severity, "%s", message)
+
+def _describe(reason_code: ReasonCode) -> str:
+    return mqtt_config.describe_reason(reason_code.getName(), reason_code.value)

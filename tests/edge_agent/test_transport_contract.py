@@ -1,19 +1,22 @@
 """One set of Transport contract tests, run against every backend.
 
-Backends: the in-memory hub, ``MqttTransport`` against a real Mosquitto subprocess, and
-``MqttTransport`` against the embedded amqtt broker. Brokers are shared by the session, so every
+Backends: the in-memory hub, ``MqttTransport`` against a real Mosquitto subprocess speaking
+MQTT 5 and, separately, MQTT 3.1.1, and ``MqttTransport`` with ``protocol="auto"`` against the
+embedded amqtt broker (which speaks 3.1.1 only, so "auto" must fall back). Brokers are shared by the session, so every
 test uses its own topic prefix and client ids. "Nothing arrives" is checked by waiting
 ``backend.quiet`` seconds, which is long for real brokers and short in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,9 +48,9 @@ _DYING_CLIENT = """
 import sys, time
 from edge_agent.transport.base import Will
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport
-host, port, client_id, topic, payload_hex = sys.argv[1:]
+host, port, client_id, topic, payload_hex, protocol = sys.argv[1:]
 will = Will(topic=topic, payload=bytes.fromhex(payload_hex))
-MqttTransport(MqttConfig(host=host, port=int(port), client_id=client_id, will=will)).start()
+MqttTransport(MqttConfig(host=host, port=int(port), client_id=client_id, will=will, protocol=protocol)).start()
 print("connected", flush=True)
 time.sleep(600)
 """
@@ -64,6 +67,8 @@ class Backend:
     """Connect a client with ``will``, then make it vanish without a DISCONNECT."""
     unreachable: Callable[[], Transport]
     """A transport whose broker is not there."""
+    expected_protocol: str | None = None
+    """What ``MqttTransport.protocol_in_use`` must be once started (``None``: not an MQTT backend)."""
     opened: list[Transport] = field(default_factory=list)
 
     def create(self, client_id: str, *, will: Will | None = None) -> Transport:
@@ -74,6 +79,8 @@ class Backend:
     def connect(self, client_id: str, *, will: Will | None = None) -> Transport:
         transport = self.create(client_id, will=will)
         transport.start()
+        if isinstance(transport, MqttTransport):
+            assert transport.protocol_in_use == self.expected_protocol
         return transport
 
 
@@ -99,12 +106,18 @@ def _memory_backend() -> Backend:
     )
 
 
-def _mqtt_backend(name: str, url: str) -> Backend:
+def _mqtt_backend(name: str, url: str, *, protocol: str, expected_protocol: str) -> Backend:
     host, port = parse_mqtt_url(url)
 
     def config(client_id: str, will: Will | None, *, port: int = port) -> MqttConfig:
         return MqttConfig(
-            host=host, port=port, client_id=client_id, will=will, connect_timeout=5.0, publish_timeout=10.0
+            host=host,
+            port=port,
+            client_id=client_id,
+            will=will,
+            connect_timeout=5.0,
+            publish_timeout=10.0,
+            protocol=protocol,
         )
 
     def die(client_id: str, will: Will) -> None:
@@ -112,7 +125,7 @@ def _mqtt_backend(name: str, url: str) -> Backend:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         }
-        args = [host, str(port), client_id, will.topic, will.payload.hex()]
+        args = [host, str(port), client_id, will.topic, will.payload.hex(), protocol]
         with subprocess.Popen(
             [sys.executable, "-c", _DYING_CLIENT, *args], stdout=subprocess.PIPE, cwd=REPO_ROOT, env=env
         ) as child:
@@ -129,23 +142,27 @@ def _mqtt_backend(name: str, url: str) -> Backend:
         factory=lambda client_id, will: MqttTransport(config(client_id, will)),
         die_abruptly=die,
         unreachable=lambda: MqttTransport(config("unreachable", None, port=free_port())),
+        expected_protocol=expected_protocol,
     )
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        pytest.param("mosquitto", marks=pytest.mark.integration),
-        pytest.param("amqtt", marks=pytest.mark.integration),
-    ]
-)
+# backend name -> (broker fixture, MqttConfig.protocol, expected protocol_in_use)
+MQTT_BACKENDS = {
+    "mosquitto-5": ("mosquitto", "5", "5"),
+    "mosquitto-3.1.1": ("mosquitto", "3.1.1", "3.1.1"),
+    "amqtt": ("embedded_broker", "auto", "3.1.1"),  # amqtt 0.12 speaks 3.1.1 only
+}
+
+
+@pytest.fixture(params=["memory", *(pytest.param(name, marks=pytest.mark.integration) for name in MQTT_BACKENDS)])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     kind: str = request.param
     if kind == "memory":
         made = _memory_backend()
     else:
-        broker = request.getfixturevalue("mosquitto" if kind == "mosquitto" else "embedded_broker")
-        made = _mqtt_backend(kind, broker.url)
+        fixture, protocol, expected = MQTT_BACKENDS[kind]
+        broker = request.getfixturevalue(fixture)
+        made = _mqtt_backend(kind, broker.url, protocol=protocol, expected_protocol=expected)
     yield made
     for transport in made.opened:
         transport.close()
@@ -231,6 +248,24 @@ def test_retained_message_reaches_late_subscriber_until_cleared(backend: Backend
     later = backend.connect("later")
     later.subscribe(topic)
     assert later.receive(timeout=backend.quiet) is None
+
+
+def test_publish_accepts_a_message_expiry_and_rejects_nonsense(backend: Backend, prefix: str) -> None:
+    """A live subscriber gets an expiring message at once on every backend (MQTT 5 sets the Message
+    Expiry Interval, 3.1.1 and the in-memory hub ignore it); test_mqtt_v5.py checks the expiry."""
+    subscriber = backend.connect("sub")
+    publisher = backend.connect("pub")
+    subscriber.subscribe(f"{prefix}/#")
+    publisher.publish(f"{prefix}/a", b"short-lived", expiry_s=0.2)
+    publisher.publish(f"{prefix}/b", b"long-lived", expiry_s=3600, retain=True)
+    assert receive_n(subscriber, 2) == [
+        InboundMessage(f"{prefix}/a", b"short-lived"),
+        InboundMessage(f"{prefix}/b", b"long-lived"),
+    ]
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(TransportError, match="expiry_s"):
+            publisher.publish(f"{prefix}/a", b"x", expiry_s=bad)
+    publisher.publish(f"{prefix}/b", b"", retain=True)
 
 
 def test_will_is_published_when_a_client_dies_abruptly(backend: Backend, prefix: str) -> None:
@@ -328,12 +363,14 @@ def test_start_against_missing_broker_raises_transport_error(backend: Backend) -
 
 
 @pytest.mark.integration
-def test_start_gives_up_when_the_peer_never_sends_connack() -> None:
+@pytest.mark.parametrize("protocol", ["auto", "5", "3.1.1"])
+def test_start_gives_up_when_the_peer_never_sends_connack(protocol: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
         silent.bind(("127.0.0.1", 0))
-        silent.listen(1)  # the kernel completes the handshake; nobody ever answers CONNECT
+        silent.listen(4)  # the kernel completes the handshake; nobody ever answers CONNECT
         port = silent.getsockname()[1]
-        transport = MqttTransport(MqttConfig(host="127.0.0.1", port=port, client_id="silent", connect_timeout=1.0))
+        config = MqttConfig(host="127.0.0.1", port=port, client_id="silent", connect_timeout=1.0, protocol=protocol)
+        transport = MqttTransport(config)
         started = time.monotonic()
         with pytest.raises(TransportError, match="CONNACK"):
             transport.start()
@@ -343,20 +380,70 @@ def test_start_gives_up_when_the_peer_never_sends_connack() -> None:
 
 
 @pytest.mark.integration
-def test_start_raises_when_the_broker_refuses_the_client(tmp_path: Path) -> None:
+def test_auto_falls_back_to_3_1_1_when_the_peer_hangs_up_on_mqtt5() -> None:
+    """A broker may close the connection instead of answering an MQTT 5 CONNECT with a CONNACK."""
+    levels: list[int] = []
+
+    def hang_up(server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(2.0)
+                    connect = conn.recv(16)  # fixed header, length, "\x00\x04MQTT", protocol level
+                    if len(connect) > 8:
+                        levels.append(connect[8])
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        threading.Thread(target=hang_up, args=(server,), daemon=True).start()
+        config = MqttConfig(host="127.0.0.1", port=server.getsockname()[1], client_id="hung-up", connect_timeout=1.0)
+        transport = MqttTransport(config)
+        with pytest.raises(TransportError, match="CONNACK"):  # 3.1.1 gets no CONNACK either
+            transport.start()
+        transport.close()
+    assert levels[:2] == [5, 4], "one MQTT 5 CONNECT, then MQTT 3.1.1 only"
+    assert set(levels[1:]) == {4}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("protocol", ["auto", "5", "3.1.1"])
+def test_start_raises_when_the_broker_refuses_the_client(protocol: str, tmp_path: Path) -> None:
     with MosquittoProcess(tmp_path, allow_anonymous=False) as broker:
-        transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port, client_id="anon"))
-        with pytest.raises(TransportError, match="refused"):
+        transport = MqttTransport(MqttConfig(host=broker.host, port=broker.port, client_id="anon", protocol=protocol))
+        with pytest.raises(TransportError, match="refused the connection: Not authorized"):
             transport.start()
         assert not transport.is_connected()
         transport.close()
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("with_will", [False, True], ids=["no-will", "will"])
+def test_auto_protocol_is_mqtt5_on_mosquitto_and_3_1_1_on_amqtt(
+    with_will: bool, mosquitto: MosquittoProcess, embedded_broker: EmbeddedBroker, prefix: str
+) -> None:
+    """amqtt never answers an MQTT 5 CONNECT that carries a will: "auto" must not wait for that."""
+    will = Will(topic=f"{prefix}/status", payload=b"offline") if with_will else None
+    for broker, expected in ((mosquitto, "5"), (embedded_broker, "3.1.1")):
+        transport = MqttTransport(
+            MqttConfig(host=broker.host, port=broker.port, client_id=f"auto-{uuid.uuid4().hex[:8]}", will=will)
+        )
+        with pytest.raises(TransportError, match="not started"):
+            _ = transport.protocol_in_use
+        started = time.monotonic()
+        with transport:
+            assert time.monotonic() - started < 3.0, "the connect timeout (10 s) must not be involved"
+            assert transport.protocol_in_use == expected
+            assert transport.is_connected()
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "kind",
     [
-        "mosquitto",
+        "mosquitto-5",
+        "mosquitto-3.1.1",
         pytest.param(
             "amqtt",
             marks=pytest.mark.xfail(
@@ -370,11 +457,15 @@ def test_start_raises_when_the_broker_refuses_the_client(tmp_path: Path) -> None
 def test_persistent_session_keeps_messages_published_while_offline(
     kind: str, request: pytest.FixtureRequest, prefix: str
 ) -> None:
-    broker = request.getfixturevalue("mosquitto" if kind == "mosquitto" else "embedded_broker")
+    fixture, protocol, _ = MQTT_BACKENDS[kind]
+    broker = request.getfixturevalue(fixture)
     client_id = f"persistent-{uuid.uuid4().hex[:8]}"
 
     def transport(client_id: str, *, clean: bool) -> MqttTransport:
-        return MqttTransport(MqttConfig(host=broker.host, port=broker.port, client_id=client_id, clean_session=clean))
+        config = MqttConfig(
+            host=broker.host, port=broker.port, client_id=client_id, clean_session=clean, protocol=protocol
+        )
+        return MqttTransport(config)
 
     device = transport(client_id, clean=False)
     device.start()
@@ -389,12 +480,13 @@ def test_persistent_session_keeps_messages_published_while_offline(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+@pytest.mark.parametrize("kind", list(MQTT_BACKENDS))
 def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: Path) -> None:
     port = free_port()
+    fixture, protocol, expected_protocol = MQTT_BACKENDS[kind]
 
     def new_broker() -> MosquittoProcess | EmbeddedBroker:
-        broker = MosquittoProcess(tmp_path, port=port) if kind == "mosquitto" else EmbeddedBroker(port=port)
+        broker = MosquittoProcess(tmp_path, port=port) if fixture == "mosquitto" else EmbeddedBroker(port=port)
         broker.start()
         return broker
 
@@ -407,6 +499,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: P
             reconnect_max_delay=0.2,
             connect_timeout=5.0,
             publish_timeout=5.0,
+            protocol=protocol,
         )
 
     broker = new_broker()
@@ -433,6 +526,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(kind: str, tmp_path: P
             while (message := subscriber.receive(timeout=0.2)) is not None:
                 received.append(message)
         assert InboundMessage("restart/topic", b"back") in received
+        assert subscriber.protocol_in_use == publisher.protocol_in_use == expected_protocol, "kept across reconnects"
         # The restarted broker has no retained messages of its own: the birth came back on reconnect.
         with MqttTransport(config("re-observer")) as observer:
             observer.subscribe("restart/birth")
@@ -528,6 +622,13 @@ def test_parse_mqtt_url_rejects(url: str) -> None:
         {"reconnect_min_delay": 5.0, "reconnect_max_delay": 1.0},
         {"reconnect_jitter": -0.1},
         {"password": "secret"},
+        {"protocol": "4"},
+        {"protocol": "mqtt5"},
+        {"protocol": ""},
+        {"session_expiry_s": 60},  # needs clean_session=False
+        {"clean_session": False, "session_expiry_s": 0},
+        {"clean_session": False, "session_expiry_s": 2**32},
+        {"clean_session": False, "session_expiry_s": 1.5},
     ],
 )
 def test_mqtt_config_rejects_nonsense(bad: dict[str, object]) -> None:

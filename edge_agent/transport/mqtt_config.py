@@ -1,0 +1,248 @@
+"""Configuration and pure helpers of the MQTT transport, kept free of paho.
+
+``mqtt.py`` is the transport and the only module in fedflock that imports paho; this module
+holds what it needs to decide and compute, not to talk, so it can be read and tested alone
+(``mqtt.py`` re-exports :class:`MqttConfig`, :func:`parse_mqtt_url` and :func:`reconnect_delay`):
+
+* :class:`MqttConfig` and its validation, :func:`parse_mqtt_url`, :func:`reconnect_delay` and
+  :class:`Backoff`, and :func:`forward_paho_log` (paho's log callback; it needs no paho import);
+* the protocol setting (``"auto"``, ``"5"``, ``"3.1.1"``) and the CONNACK reason code by which
+  ``"auto"`` recognises a broker that refuses MQTT 5 (the embedded amqtt broker speaks 3.1.1
+  only and answers a bare MQTT 5 CONNECT with a 3.1.1 CONNACK "unacceptable protocol version");
+* the Message Expiry and Session Expiry Interval values sent as MQTT 5 properties;
+* the size of a PUBLISH packet, checked against the broker's Maximum Packet Size before sending,
+  because paho does not check it and a broker disconnects a client that exceeds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge_agent.errors import ConfigError, TransportError
+from edge_agent.transport.base import Will
+from edge_agent.transport.memory import validate_expiry
+
+__all__ = [
+    "MAX_FOUR_BYTE_INTEGER",
+    "PROTOCOLS",
+    "PROTOCOL_AUTO",
+    "PROTOCOL_V5",
+    "PROTOCOL_V311",
+    "UNSUPPORTED_PROTOCOL_VERSION",
+    "Backoff",
+    "MqttConfig",
+    "check_packet_size",
+    "describe_reason",
+    "forward_paho_log",
+    "message_expiry_interval",
+    "parse_mqtt_url",
+    "publish_packet_size",
+    "reconnect_delay",
+    "session_expiry_interval",
+    "validate_protocol",
+    "validate_session_expiry",
+]
+
+_DEFAULT_PORT = 1883
+_paho_log = logging.getLogger("edge_agent.transport.mqtt.paho")  # the name it had when mqtt.py logged it
+
+PROTOCOL_AUTO = "auto"
+PROTOCOL_V5 = "5"
+PROTOCOL_V311 = "3.1.1"
+PROTOCOLS = (PROTOCOL_AUTO, PROTOCOL_V5, PROTOCOL_V311)
+
+MAX_FOUR_BYTE_INTEGER = 0xFFFFFFFF
+"""Largest expiry interval; as a Session Expiry Interval it means "the session never expires"."""
+
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
+"""CONNACK reason code "Unsupported protocol version". paho reports a 3.1.1-style CONNACK with
+return code 1 ("unacceptable protocol version"), which a 3.1.1-only broker sends to an MQTT 5
+client, as this reason code."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    """Everything needed to reach one broker; validated on construction."""
+
+    host: str
+    port: int = _DEFAULT_PORT
+    client_id: str
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    publish_timeout: float = 30.0
+    will: Will | None = None
+    birth: Will | None = None
+    """Published on every (re)connect: the counterpart of the will. A device's retained "online"
+    status must come back after the broker published its "offline" will during an outage."""
+    reconnect_min_delay: float = 1.0
+    reconnect_max_delay: float = 60.0
+    reconnect_jitter: float = 1.0
+    """Each reconnect delay is stretched by a random fraction in ``[0, reconnect_jitter]``."""
+    clean_session: bool = True
+    """``False`` asks the broker to keep subscriptions and queued QoS >= 1 messages while offline."""
+    session_expiry_s: int | None = None
+    """MQTT 5, ``clean_session=False`` only: how long the broker keeps the session after we go
+    offline (``None``: forever). On MQTT 3.1.1 the broker's own policy decides."""
+    protocol: str = PROTOCOL_AUTO
+    """``"auto"`` (MQTT 5, falling back to 3.1.1), ``"5"`` or ``"3.1.1"``."""
+    username: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("mqtt host must not be empty")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mqtt port {self.port} is out of range")
+        if not self.client_id:
+            raise ConfigError("mqtt client_id must not be empty")
+        if self.keepalive < 0 or self.connect_timeout <= 0 or self.publish_timeout <= 0:
+            raise ConfigError("keepalive must be >= 0 and timeouts > 0")
+        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay or self.reconnect_jitter < 0:
+            raise ConfigError("need 0 < reconnect_min_delay <= reconnect_max_delay and reconnect_jitter >= 0")
+        if self.password is not None and self.username is None:
+            raise ConfigError("an mqtt password needs a username")
+        validate_protocol(self.protocol)
+        validate_session_expiry(self.session_expiry_s, clean_session=self.clean_session)
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """Split ``mqtt://host[:port]`` into ``(host, port)``; anything else is a :class:`ConfigError`.
+
+    Credentials and TLS are deliberately not accepted here: they belong in :class:`MqttConfig`,
+    not in a URL that ends up in logs.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid mqtt url {url!r}: {exc}") from exc
+    if parts.scheme != "mqtt":
+        raise ConfigError(f"invalid mqtt url {url!r}: scheme must be 'mqtt'")
+    if not parts.hostname:
+        raise ConfigError(f"invalid mqtt url {url!r}: missing host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"invalid mqtt url {url!r}: put credentials in the config, not the url")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"invalid mqtt url {url!r}: unexpected path, query or fragment")
+    if port == 0:
+        raise ConfigError(f"invalid mqtt url {url!r}: port 0")
+    return parts.hostname, _DEFAULT_PORT if port is None else port
+
+
+def reconnect_delay(attempt: int, *, min_delay: float, max_delay: float, jitter: float, rng: random.Random) -> float:
+    """Delay before reconnect attempt ``attempt`` (0-based): capped doubling plus random jitter.
+
+    The jitter is added on top of the cap so that devices which all hit ``max_delay`` still
+    spread out instead of hammering a recovering broker at the same instant.
+    """
+    base = min(max_delay, min_delay * 2.0 ** min(attempt, 62))
+    return base + rng.uniform(0.0, jitter * base)
+
+
+class Backoff:
+    """The reconnect delays of one transport: :func:`reconnect_delay` with its attempt counter."""
+
+    def __init__(self, config: MqttConfig, rng: random.Random | None = None) -> None:
+        self._config = config
+        self._rng = rng if rng is not None else random.Random()
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        cfg = self._config
+        delay = reconnect_delay(
+            self.attempt,
+            min_delay=cfg.reconnect_min_delay,
+            max_delay=cfg.reconnect_max_delay,
+            jitter=cfg.reconnect_jitter,
+            rng=self._rng,
+        )
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """After a successful connect the next outage starts from the shortest delay again."""
+        self.attempt = 0
+
+
+def validate_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"mqtt protocol must be one of {', '.join(map(repr, PROTOCOLS))}, not {protocol!r}")
+
+
+def validate_session_expiry(session_expiry_s: int | None, *, clean_session: bool) -> None:
+    if session_expiry_s is None:
+        return
+    if clean_session:
+        raise ConfigError("session_expiry_s needs clean_session=False (a clean session is never kept)")
+    if isinstance(session_expiry_s, bool) or not isinstance(session_expiry_s, int):
+        raise ConfigError(f"session_expiry_s must be an int, not {session_expiry_s!r}")
+    if not 1 <= session_expiry_s <= MAX_FOUR_BYTE_INTEGER:
+        raise ConfigError(f"session_expiry_s must be between 1 and {MAX_FOUR_BYTE_INTEGER}, not {session_expiry_s}")
+
+
+def session_expiry_interval(clean_session: bool, session_expiry_s: int | None) -> int:
+    """The CONNECT Session Expiry Interval: 0 (end with the connection) for a clean session,
+    otherwise ``session_expiry_s`` or, if that is ``None``, "never expires"."""
+    if clean_session:
+        return 0
+    return MAX_FOUR_BYTE_INTEGER if session_expiry_s is None else session_expiry_s
+
+
+def message_expiry_interval(expiry_s: float | None) -> int | None:
+    """The PUBLISH Message Expiry Interval for ``expiry_s``: whole seconds rounded up, at least 1."""
+    validate_expiry(expiry_s)
+    if expiry_s is None:
+        return None
+    return min(MAX_FOUR_BYTE_INTEGER, max(1, math.ceil(expiry_s)))
+
+
+def check_packet_size(topic: str, payload_size: int, *, qos: int, properties_size: int, limit: int | None) -> None:
+    """Raise :class:`TransportError` if the PUBLISH packet would exceed the broker's Maximum Packet Size ``limit``."""
+    if limit is None:
+        return
+    size = publish_packet_size(topic, payload_size, qos=qos, properties_size=properties_size)
+    if size > limit:
+        raise TransportError(
+            f"cannot publish {payload_size} bytes to {topic!r}: the PUBLISH packet would be {size} bytes, "
+            f"over the broker's Maximum Packet Size of {limit} bytes"
+        )
+
+
+def publish_packet_size(topic: str, payload_size: int, *, qos: int, properties_size: int) -> int:
+    """Bytes on the wire of a PUBLISH packet (fixed header included), as Maximum Packet Size counts them.
+
+    ``properties_size`` is the encoded property block including its own length prefix (always 0
+    for MQTT 3.1.1, at least 1 for MQTT 5).
+    """
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0) + properties_size + payload_size
+    return 1 + _varint_size(remaining) + remaining
+
+
+def describe_reason(name: str, value: int) -> str:
+    """``"Not authorized (0x87)"``: the reason code's name first, so messages are greppable by it."""
+    return f"{name} (0x{value:02X})"
+
+
+def forward_paho_log(client: Any, userdata: Any, level: int, message: str) -> None:
+    """paho's ``on_log``: forward at DEBUG to ``edge_agent.transport.mqtt.paho``, except exceptions
+    escaping our callbacks (ERROR).
+
+    paho reports routine conditions at ERROR ("Client is not connected" after every clean close
+    and every failed reconnect attempt); real failures reach callers as TransportError instead.
+    """
+    severity = logging.ERROR if message.startswith("Caught exception") else logging.DEBUG
+    if _paho_log.isEnabledFor(severity):
+        _paho_log.log(severity, "%s", message)
+
+
+def _varint_size(value: int) -> int:
+    size = 1
+    while value >= 128:
+        value //= 128
+        size += 1
+    return size
