@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from edge_agent.codecs import UpdateInfo, accumulate_update
+
 Tensors = dict[str, np.ndarray]
 
 
@@ -39,6 +41,23 @@ class WeightedMean:
                 np.add(acc, np.asarray(value, dtype=np.float64) * weight, out=acc)
         self.total_weight += weight
         self.count += 1
+
+    def add_encoded(self, payload: bytes, weight: float, expected: Mapping[str, tuple[int, ...]]) -> UpdateInfo:
+        """Fold an encoded update (edge_agent.codecs) in without materialising it as a float copy.
+
+        The payload is validated in full before any accumulator changes, so a bad update leaves
+        the mean exactly as it was.
+        """
+        if not weight > 0:
+            raise ValueError(f"weight must be positive, got {weight}")
+        if self._sums and set(expected) != set(self._sums):
+            raise ValueError("tensor names differ from earlier updates")
+        if not self._sums:
+            self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in expected.items()}
+        info = accumulate_update(payload, self._sums, weight, expected)
+        self.total_weight += weight
+        self.count += 1
+        return info
 
     def result(self) -> Tensors:
         if self.count == 0:

@@ -73,13 +73,16 @@ class MosquittoProcess:
         binary: str | None = None,
         start_timeout: float = 10.0,
         allow_anonymous: bool = True,
+        extra_config: tuple[str, ...] = (),
     ) -> None:
+        """``extra_config``: more mosquitto.conf lines (e.g. ``acl_file ...``, ``max_packet_size 2048``)."""
         self.workdir = workdir
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._binary = binary
         self._start_timeout = start_timeout
         self._allow_anonymous = allow_anonymous
+        self._extra_config = extra_config
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -150,6 +153,7 @@ class MosquittoProcess:
                 "log_type warning",
                 "log_type notice",
                 "log_type information",
+                *self._extra_config,
                 "",
             ]
         )

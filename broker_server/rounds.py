@@ -1,42 +1,23 @@
 """One synchronous round's bookkeeping: which tasks are open, which updates were accepted.
 
 Pure logic with no I/O, so every acceptance rule is unit-testable: an update is folded into the
-streaming mean at most once, only for a task this round issued to that very device, and only
-when every tensor has the model's shape and finite values.
+streaming mean at most once, only for a task this round issued to that very device, only in a
+codec the round offered, and only when every tensor has the model's shape and finite values
+(checked by the codec layer before anything is added).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from broker_server.aggregate import WeightedMean
-from edge_agent.errors import ContractViolation
+from edge_agent.codecs import CodecSpec, payload_codec
+from edge_agent.errors import ContractViolation, FedflockError
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 
 #: An update claiming more examples than this is rejected (protects the weighting).
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
-
-
-def validate_delta(delta: dict[str, np.ndarray], specs: tuple[TensorSpec, ...]) -> None:
-    """Raise :class:`ContractViolation` unless ``delta`` matches ``specs`` exactly and is finite."""
-    expected = {s.name: s for s in specs}
-    missing = sorted(set(expected) - set(delta))
-    unexpected = sorted(set(delta) - set(expected))
-    if missing or unexpected:
-        raise ContractViolation(
-            f"update tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, spec in expected.items():
-        value = delta[name]
-        if tuple(value.shape) != spec.shape:
-            raise ContractViolation(f"tensor {name!r} has shape {list(value.shape)}, model has {list(spec.shape)}")
-        if value.dtype.name != spec.dtype:
-            raise ContractViolation(f"tensor {name!r} has dtype {value.dtype.name}, model has {spec.dtype}")
-        if not np.isfinite(value).all():
-            raise ContractViolation(f"tensor {name!r} contains NaN or infinity")
 
 
 @dataclass
@@ -46,6 +27,8 @@ class RoundState:
     #: task id -> device id, for every task this round issued
     tasks: dict[str, str]
     specs: tuple[TensorSpec, ...]
+    #: codec names (``CodecSpec.name``) this round's tasks accept
+    codecs: frozenset[str] = frozenset({"fp32"})
     mean: WeightedMean = field(default_factory=WeightedMean)
     accepted: set[str] = field(default_factory=set)
     failed: dict[str, str] = field(default_factory=dict)
@@ -82,8 +65,17 @@ class RoundState:
             raise ContractViolation(f"update is based on model v{update.model_version}, task was v{self.model_version}")
         if update.num_examples > MAX_EXAMPLES_PER_UPDATE:
             raise ContractViolation(f"num_examples {update.num_examples} > {MAX_EXAMPLES_PER_UPDATE}")
-        validate_delta(update.delta, self.specs)
-        self.mean.add(update.delta, float(update.num_examples))
+        try:
+            codec = CodecSpec.parse(update.codec).name
+        except FedflockError as exc:
+            raise ContractViolation(f"update codec: {exc.reason}") from exc
+        if codec not in self.codecs:
+            raise ContractViolation(f"update codec {codec!r} was not offered (accepted: {sorted(self.codecs)})")
+        declared = payload_codec(update.payload)  # MalformedMessage for a bad FFCU header
+        if declared != codec:
+            raise ContractViolation(f"UPDATE says codec {codec!r}, its payload is {declared!r}")
+        expected = {spec.name: spec.shape for spec in self.specs}
+        self.mean.add_encoded(update.payload, float(update.num_examples), expected)
         for key, value in update.metrics.items():
             self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value * update.num_examples
         self.accepted.add(update.task_id)

@@ -23,8 +23,12 @@ from broker_server.aggregate import apply_delta
 from broker_server.registry import DeviceRegistry
 from broker_server.rounds import RoundState
 from broker_server.store import ModelStore
+from edge_agent.codecs import CodecSpec
 from edge_agent.errors import ConfigError, ProtocolError
 from edge_agent.protocol.messages import (
+    MIN_CHUNK_BYTES,
+    ChunkAck,
+    ChunkMessage,
     ErrorMessage,
     StatusMessage,
     TaskMessage,
@@ -36,6 +40,7 @@ from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.protocol.topics import RESULTS, STATUS, Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import EvalResult
+from edge_agent.transfer import TransferLink
 from edge_agent.transport.base import InboundMessage, Transport
 
 log = logging.getLogger("fedflock.server")
@@ -65,6 +70,11 @@ class ServerConfig:
     hyperparameters: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
     #: sent in every TASK: tensors to freeze (bundles exported with trainable masks)
     frozen: tuple[str, ...] = ()
+    #: update codecs devices may use, in the server's order of preference (edge_agent.codecs);
+    #: each device picks from these by its network type. fp32 keeps updates exact.
+    codecs: tuple[str, ...] = ("int8", "fp16", "fp32")
+    #: largest CHUNK payload for transfers to and from devices (below a 1 MB broker packet limit)
+    chunk_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -75,6 +85,12 @@ class ServerConfig:
             raise ConfigError("min_reports must be between 1 and clients_per_round")
         if self.round_timeout_s <= 0 or self.lr <= 0:
             raise ConfigError("round_timeout_s and lr must be positive")
+        if not self.codecs:
+            raise ConfigError("codecs must name at least one update codec (e.g. fp32)")
+        for name in self.codecs:
+            CodecSpec.parse(name)  # raises ConfigError naming the valid codecs
+        if self.chunk_bytes < MIN_CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be >= {MIN_CHUNK_BYTES}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +142,9 @@ class FederatedServer:
         self._out = Path(out_dir) if out_dir is not None else None
         self._store = ModelStore(self._out / "models") if self._out is not None else None
         self._round: RoundState | None = None
+        self._link = TransferLink(transport, clock=clock)
+        #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
+        self._downloads: list[str] = []
         #: The evaluation of version 0, when an evaluator is given.
         self.baseline: EvalResult | None = None
 
@@ -196,6 +215,7 @@ class FederatedServer:
             round=number,
             model_version=self.model_version,
             specs=self.bundle.manifest.aggregated_tensors,
+            codecs=frozenset(CodecSpec.parse(name).name for name in self.config.codecs),
             tasks={f"r{number}-{uuid.uuid4().hex[:12]}": device_id for device_id in selected},
         )
         self._round = state
@@ -209,6 +229,9 @@ class FederatedServer:
                 self._pump(min(0.25, max(deadline - self._clock(), 0.0)))
         finally:
             self._round = None
+            for transfer in self._downloads:
+                self._link.forget(transfer)
+            self._downloads.clear()
         return state
 
     def _abandon(self, number: int, state: RoundState | None, started: float, reason: str) -> RoundResult:
@@ -260,8 +283,19 @@ class FederatedServer:
             deadline_s=self.config.round_timeout_s,
             hyperparameters=self.config.hyperparameters,
             frozen=self.config.frozen,
+            codecs=self.config.codecs,
+            max_chunk_bytes=self.config.chunk_bytes,
         )
-        self._transport.publish(self.config.topics.tasks(device_id), encode_message(task, payload=weights), qos=1)
+        envelope = encode_message(task, payload=weights)
+        topic = self.config.topics.tasks(device_id)
+        if len(envelope) <= self.config.chunk_bytes:
+            self._transport.publish(topic, envelope, qos=1)
+            return
+        self._downloads.append(
+            self._link.send(
+                topic, envelope, device_id=device_id, round=number, task_id=task_id, chunk_size=self.config.chunk_bytes
+            )
+        )
 
     # -- inbound messages ------------------------------------------------------------------------
 
@@ -273,6 +307,7 @@ class FederatedServer:
         return eligible
 
     def _pump(self, timeout: float) -> None:
+        self._link.poll()
         inbound = self._transport.receive(timeout=timeout)
         while inbound is not None:
             self.handle(inbound)
@@ -288,6 +323,15 @@ class FederatedServer:
             message = decode_message(inbound.payload)
             if message.device_id != device_id:
                 raise ProtocolError(f"message from {message.device_id!r} published on {device_id!r}'s topic")
+            if isinstance(message, ChunkMessage | ChunkAck):
+                if kind != RESULTS:
+                    raise ProtocolError(f"{type(message).__name__} is not valid on a {kind} topic")
+                whole = self._link.handle(message, self.config.topics.tasks(device_id))
+                if whole is None:
+                    return
+                message = decode_message(whole)
+                if isinstance(message, ChunkMessage | ChunkAck) or message.device_id != device_id:
+                    raise ProtocolError(f"reassembled object from {device_id!r} is not one of its results")
             self._dispatch(kind, message)
         except ProtocolError as exc:
             self.rejections.append(Rejection(device_id, exc.code, exc.reason))

@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=None, help="device state (personal tensors); default: <data>.state"
     )
     agent.add_argument("--micro-batch", type=int, default=None, help="override the bundle's micro-batch (0: off)")
+    agent.add_argument(
+        "--network",
+        default="unknown",
+        choices=("ethernet", "wifi", "cellular", "unknown"),
+        help="the link this device uses (picks the update codec; the resource monitor will detect it)",
+    )
+    agent.add_argument(
+        "--codec-preference",
+        action="append",
+        default=[],
+        metavar="NETWORK=CODEC[,CODEC...]",
+        help="update codecs to prefer on a network type, e.g. cellular=topk-int8:0.01,int4 (repeatable)",
+    )
+    agent.add_argument("--no-error-feedback", action="store_true", help="do not carry the codec's residual over")
 
     broker = sub.add_parser("broker", help="run the aggregation server")
     broker.add_argument("--bundle", type=Path, required=True)
@@ -90,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="sent in every task, e.g. fedprox_mu=0.01 or class_weights=1,5",
     )
     broker.add_argument("--freeze", action="append", default=[], metavar="TENSOR", help="freeze in every task")
+    broker.add_argument(
+        "--codecs",
+        default="int8,fp16,fp32",
+        help="update codecs devices may use, in order of preference (fp32 fp16 int8 int8-channel int4 int2 "
+        "sign topk:F topk-int8:F, optional +zstd)",
+    )
+    broker.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="chunk size for large transfers")
     broker.add_argument("--out", type=Path, default=Path("fedflock-server"))
 
     demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
@@ -133,6 +154,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_agent(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent, AgentConfig
+    from edge_agent.codecs import DEFAULT_PREFERENCES
     from edge_agent.data import load_npz
     from edge_agent.protocol.topics import Topics
     from edge_agent.runtime.bundle import Bundle
@@ -141,8 +163,20 @@ def run_agent(args: argparse.Namespace) -> int:
 
     topics = Topics(args.topic_prefix)
     state_dir = args.state_dir if args.state_dir is not None else Path(f"{args.data}.state")
+    preferences = dict(DEFAULT_PREFERENCES)
+    for item in args.codec_preference:
+        network, sep, codecs = item.partition("=")
+        if not sep or not network or not codecs:
+            raise ConfigError(f"--codec-preference {item!r}: expected NETWORK=CODEC[,CODEC...]")
+        preferences[network] = tuple(c for c in codecs.split(",") if c)
     config = AgentConfig(
-        device_id=args.device_id, topics=topics, seed=args.seed, max_tasks=args.max_tasks, state_dir=state_dir
+        device_id=args.device_id,
+        topics=topics,
+        seed=args.seed,
+        max_tasks=args.max_tasks,
+        state_dir=state_dir,
+        codec_preferences=preferences,
+        error_feedback=not args.no_error_feedback,
     )
     bundle = Bundle.open(args.bundle)
     data = load_npz(args.data)
@@ -151,7 +185,8 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     trainer = OrtTrainer.open(bundle, threads=args.threads, micro_batch=args.micro_batch)
     trainer.check_data(data.x, data.y)  # fail now, not at the first task
-    agent = Agent(config, transport, trainer, data)
+    network = args.network
+    agent = Agent(config, transport, trainer, data, network=lambda: network)
     stop = _stop_on_signals()
     agent.start()
     log.info("agent %s online at %s with %d examples", args.device_id, args.mqtt_url, len(data))
@@ -185,6 +220,8 @@ def run_broker(args: argparse.Namespace) -> int:
         topics=Topics(args.topic_prefix),
         hyperparameters=_hyperparameters(args.hyperparameter),
         frozen=tuple(args.freeze),
+        codecs=tuple(c for c in args.codecs.split(",") if c),
+        chunk_bytes=args.chunk_bytes,
     )
     bundle = Bundle.open(args.bundle)
     evaluator = None

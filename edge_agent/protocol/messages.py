@@ -5,21 +5,25 @@ Envelope layout, integers little-endian (docs/protocol.md, "Envelope")::
     offset  size  field
     0       4     magic b"FFLK"
     4       1     format version (1)
-    5       1     message type (1 STATUS, 2 TASK, 3 UPDATE, 4 ERROR)
+    5       1     message type (1 STATUS, 2 TASK, 3 UPDATE, 4 ERROR, 5 CHUNK, 6 CHUNK_ACK)
     6       2     flags, zero in version 1
     8       4     u32 header length H (<= 64 KiB)
     12      H     header: a UTF-8 JSON object
-    12+H    rest  payload: a tensor set (protocol.tensors) or nothing
+    12+H    rest  payload: TASK a tensor set (protocol.tensors), UPDATE an encoded update
+                  (edge_agent.codecs, "FFCU"), CHUNK a slice of a larger envelope, else nothing
 
 Every header carries ``device_id``, ``round`` and ``task_id`` (``round`` is -1 and ``task_id``
-empty on STATUS). Encode/decode functions come in pairs; decoders raise
-:class:`MalformedMessage` or :class:`UnsupportedVersion` and never return half a message.
+empty on STATUS). An envelope larger than the link's chunk size travels as CHUNK messages with
+per-chunk CHUNK_ACKs (:mod:`edge_agent.protocol.chunks`) and is decoded once reassembled.
+Encode/decode functions come in pairs; decoders raise :class:`MalformedMessage` or
+:class:`UnsupportedVersion` and never return half a message.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,15 +32,17 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import MalformedMessage, UnsupportedVersion
+from edge_agent.protocol.header import Header, parse_header
+from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES, task_codecs, task_frozen, task_hyperparameters
 from edge_agent.protocol.tensors import decode_tensors, encode_tensors
-from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
 MAGIC = b"FFLK"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 
-STATUS, TASK, UPDATE, ERROR = 1, 2, 3, 4
-_TYPE_NAMES = {STATUS: "STATUS", TASK: "TASK", UPDATE: "UPDATE", ERROR: "ERROR"}
+STATUS, TASK, UPDATE, ERROR, CHUNK, CHUNK_ACK = 1, 2, 3, 4, 5, 6
+_TYPE_NAMES = {STATUS: "STATUS", TASK: "TASK", UPDATE: "UPDATE", ERROR: "ERROR", CHUNK: "CHUNK", CHUNK_ACK: "CHUNK_ACK"}
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 _PREAMBLE = struct.Struct("<4sBBHI")
 
@@ -73,11 +79,22 @@ class TaskMessage:
     hyperparameters: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
     #: tensors whose trainable mask is 0 for this task (bundles exported with masks)
     frozen: tuple[str, ...] = ()
+    #: update codecs the server accepts for this task, in its order of preference (empty: fp32 only)
+    codecs: tuple[str, ...] = ()
+    #: largest CHUNK payload the server wants for the upload (0: the device's own default)
+    max_chunk_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
 class UpdateMessage:
-    """Device -> server: ``delta`` = trained weights - received weights, for aggregated tensors."""
+    """Device -> server: trained weights - received weights for the aggregated tensors.
+
+    ``payload`` is the delta encoded with :func:`edge_agent.codecs.encode_update` using ``codec``
+    (the server decodes it straight into its aggregate). ``attempt`` counts uploads of this
+    task's result (1 = first; a device that re-sends after a restart increments it); the
+    idempotency key is ``(device_id, task_id, attempt)`` and a server accepts at most one update
+    per ``(device_id, task_id)`` whatever the attempt.
+    """
 
     device_id: str
     round: int
@@ -85,7 +102,55 @@ class UpdateMessage:
     model_version: int
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    delta: Tensors = field(default_factory=dict)
+    codec: str = "fp32"
+    attempt: int = 1
+    payload: bytes = b""
+
+    @property
+    def idempotency_key(self) -> tuple[str, str, int]:
+        return (self.device_id, self.task_id, self.attempt)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkMessage:
+    """One slice of a larger envelope (a TASK downloaded or an UPDATE uploaded in pieces).
+
+    Chunk ``index`` covers bytes ``[index * chunk_size, min((index + 1) * chunk_size, total_size))``
+    of the object; ``sha256`` is the whole object's digest, checked before it is decoded.
+    ``device_id`` is always the device end of the transfer (sender of an upload, recipient of a
+    download); ``round``/``task_id`` name the task the object belongs to.
+    """
+
+    device_id: str
+    round: int
+    task_id: str
+    transfer_id: str
+    index: int
+    count: int
+    chunk_size: int
+    total_size: int
+    sha256: str
+    data: bytes = b""
+
+
+#: CHUNK_ACK statuses: ``next`` chunks received in order so far / chunk ``next`` is missing (a gap:
+#: out of order, or the receiver lost its state), resend from it / the object is complete and
+#: verified / the transfer was refused for good (``reason`` says why; the sender stops)
+ACK_OK, ACK_RESEND, ACK_COMPLETE, ACK_REJECTED = "ok", "resend", "complete", "rejected"
+ACK_STATUSES = (ACK_OK, ACK_RESEND, ACK_COMPLETE, ACK_REJECTED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkAck:
+    """Receiver -> sender: ``next`` chunks of ``transfer_id`` are held (the next one wanted)."""
+
+    device_id: str
+    round: int
+    task_id: str
+    transfer_id: str
+    next: int
+    status: str = ACK_OK
+    reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +164,7 @@ class ErrorMessage:
     reason: str
 
 
-Message = StatusMessage | TaskMessage | UpdateMessage | ErrorMessage
+Message = StatusMessage | TaskMessage | UpdateMessage | ErrorMessage | ChunkMessage | ChunkAck
 
 
 def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
@@ -108,6 +173,10 @@ def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
     ``payload`` is an already encoded tensor set to send instead of the message's own tensors:
     the server encodes the global weights once per round, not once per device.
     """
+    if isinstance(message, UpdateMessage | ChunkMessage):
+        if payload is not None:
+            raise ValueError(f"{type(message).__name__} carries its own payload")
+        payload = message.payload if isinstance(message, UpdateMessage) else message.data
     msg_type, header, tensors = _parts(message)
     raw_header = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw_header) > MAX_HEADER_BYTES:
@@ -145,14 +214,35 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             }
         if message.frozen:
             header["frozen"] = list(message.frozen)
+        if message.codecs:
+            header["codecs"] = list(message.codecs)
+        if message.max_chunk_bytes:
+            header["max_chunk_bytes"] = message.max_chunk_bytes
         return TASK, _base(message.device_id, message.round, message.task_id) | header, message.weights
     if isinstance(message, UpdateMessage):
         header = {
             "model_version": message.model_version,
             "num_examples": message.num_examples,
             "metrics": message.metrics,
+            "codec": message.codec,
+            "attempt": message.attempt,
         }
-        return UPDATE, _base(message.device_id, message.round, message.task_id) | header, message.delta
+        return UPDATE, _base(message.device_id, message.round, message.task_id) | header, None
+    if isinstance(message, ChunkMessage):
+        header = {
+            "transfer_id": message.transfer_id,
+            "index": message.index,
+            "count": message.count,
+            "chunk_size": message.chunk_size,
+            "total_size": message.total_size,
+            "sha256": message.sha256,
+        }
+        return CHUNK, _base(message.device_id, message.round, message.task_id) | header, None
+    if isinstance(message, ChunkAck):
+        header = {"transfer_id": message.transfer_id, "next": message.next, "status": message.status}
+        if message.reason:
+            header["reason"] = message.reason
+        return CHUNK_ACK, _base(message.device_id, message.round, message.task_id) | header, None
     header = {"code": message.code, "reason": message.reason}
     return ERROR, _base(message.device_id, message.round, message.task_id) | header, None
 
@@ -177,78 +267,23 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
         raise MalformedMessage(f"flags {flags:#06x} set; version 1 defines none")
     if header_len > MAX_HEADER_BYTES or _PREAMBLE.size + header_len > len(view):
         raise MalformedMessage(f"header length {header_len} exceeds the message ({len(view)} bytes)")
-    header = _parse_header(view[_PREAMBLE.size : _PREAMBLE.size + header_len])
+    header = parse_header(view[_PREAMBLE.size : _PREAMBLE.size + header_len])
     payload = view[_PREAMBLE.size + header_len :]
-    return _DECODERS[msg_type](_Header(header, _TYPE_NAMES[msg_type]), payload)
+    return _DECODERS[msg_type](Header(header, _TYPE_NAMES[msg_type]), payload)
 
 
-def _parse_header(raw: memoryview) -> dict[str, Any]:
-    try:
-        header = json.loads(bytes(raw).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage(f"header is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise MalformedMessage("header is not a JSON object")
-    return header
-
-
-class _Header:
-    """Typed access to header fields with errors that name the field."""
-
-    def __init__(self, raw: dict[str, Any], type_name: str) -> None:
-        self.raw = raw
-        self.type_name = type_name
-
-    def _get(self, key: str, types: type | tuple[type, ...]) -> Any:
-        if key not in self.raw:
-            raise MalformedMessage(f"{self.type_name} header lacks field {key!r}")
-        value = self.raw[key]
-        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise MalformedMessage(f"{self.type_name} field {key!r} has wrong type bool")
-        if not isinstance(value, types):
-            raise MalformedMessage(f"{self.type_name} field {key!r} has wrong type {type(value).__name__}")
-        return value
-
-    def str_field(self, key: str) -> str:
-        return str(self._get(key, str))
-
-    def int_field(self, key: str, *, minimum: int | None = None) -> int:
-        value = int(self._get(key, int))
-        if minimum is not None and value < minimum:
-            raise MalformedMessage(f"{self.type_name} field {key!r} = {value} < {minimum}")
-        return value
-
-    def float_field(self, key: str) -> float:
-        value = float(self._get(key, (int, float)))
-        if not math.isfinite(value):
-            raise MalformedMessage(f"{self.type_name} field {key!r} is not finite")
-        return value
-
-    def bool_field(self, key: str) -> bool:
-        return bool(self._get(key, bool))
-
-    def dict_field(self, key: str) -> dict[str, Any]:
-        return dict(self._get(key, dict))
-
-    def device_id(self) -> str:
-        device_id = self.str_field("device_id")
-        if not DEVICE_ID_PATTERN.match(device_id):
-            raise MalformedMessage(f"invalid device_id {device_id!r}")
-        return device_id
-
-
-def _no_payload(h: _Header, payload: memoryview) -> None:
+def _no_payload(h: Header, payload: memoryview) -> None:
     if len(payload):
         raise MalformedMessage(f"{h.type_name} carries {len(payload)} unexpected payload bytes")
 
 
-def _tensors(h: _Header, payload: memoryview) -> Tensors:
+def _tensors(h: Header, payload: memoryview) -> Tensors:
     if not len(payload):
         return {}
     return decode_tensors(payload)
 
 
-def _decode_status(h: _Header, payload: memoryview) -> StatusMessage:
+def _decode_status(h: Header, payload: memoryview) -> StatusMessage:
     _no_payload(h, payload)
     return StatusMessage(
         device_id=h.device_id(),
@@ -260,7 +295,7 @@ def _decode_status(h: _Header, payload: memoryview) -> StatusMessage:
     )
 
 
-def _decode_task(h: _Header, payload: memoryview) -> TaskMessage:
+def _decode_task(h: Header, payload: memoryview) -> TaskMessage:
     return TaskMessage(
         device_id=h.device_id(),
         round=h.int_field("round", minimum=0),
@@ -272,45 +307,14 @@ def _decode_task(h: _Header, payload: memoryview) -> TaskMessage:
         lr=h.float_field("lr"),
         deadline_s=h.float_field("deadline_s"),
         weights=_tensors(h, payload),
-        hyperparameters=_hyperparameters(h),
-        frozen=_frozen(h),
+        hyperparameters=task_hyperparameters(h),
+        frozen=task_frozen(h),
+        codecs=task_codecs(h),
+        max_chunk_bytes=h.int_field("max_chunk_bytes", minimum=MIN_CHUNK_BYTES) if "max_chunk_bytes" in h.raw else 0,
     )
 
 
-#: Caps on the optional TASK fields (the header itself is capped at 64 KiB).
-MAX_HYPERPARAMETER_VALUES = 4096
-
-
-def _hyperparameters(h: _Header) -> dict[str, float | tuple[float, ...]]:
-    if "hyperparameters" not in h.raw:
-        return {}
-    out: dict[str, float | tuple[float, ...]] = {}
-    for key, value in h.dict_field("hyperparameters").items():
-        if not key:
-            raise MalformedMessage("TASK hyperparameters has an empty name")
-        items = value if isinstance(value, list) else [value]
-        if not items or len(items) > MAX_HYPERPARAMETER_VALUES or not all(_finite_number(v) for v in items):
-            raise MalformedMessage(f"TASK hyperparameter {key!r} must be a finite number or a list of them")
-        out[key] = tuple(float(v) for v in items) if isinstance(value, list) else float(value)
-    return out
-
-
-def _frozen(h: _Header) -> tuple[str, ...]:
-    if "frozen" not in h.raw:
-        return ()
-    names = h.raw["frozen"]
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise MalformedMessage("TASK field 'frozen' must be a list of tensor names")
-    if len(set(names)) != len(names):
-        raise MalformedMessage("TASK field 'frozen' names a tensor twice")
-    return tuple(names)
-
-
-def _finite_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
-def _decode_update(h: _Header, payload: memoryview) -> UpdateMessage:
+def _decode_update(h: Header, payload: memoryview) -> UpdateMessage:
     metrics = h.dict_field("metrics")
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -322,11 +326,56 @@ def _decode_update(h: _Header, payload: memoryview) -> UpdateMessage:
         model_version=h.int_field("model_version", minimum=0),
         num_examples=h.int_field("num_examples", minimum=1),
         metrics={str(k): float(v) for k, v in metrics.items()},
-        delta=_tensors(h, payload),
+        codec=h.token_field("codec"),
+        attempt=h.int_field("attempt", minimum=1),
+        payload=bytes(payload),
     )
 
 
-def _decode_error(h: _Header, payload: memoryview) -> ErrorMessage:
+def _decode_chunk(h: Header, payload: memoryview) -> ChunkMessage:
+    chunk = ChunkMessage(
+        device_id=h.device_id(),
+        round=h.int_field("round", minimum=-1),
+        task_id=h.str_field("task_id"),
+        transfer_id=h.token_field("transfer_id"),
+        index=h.int_field("index", minimum=0),
+        count=h.int_field("count", minimum=1),
+        chunk_size=h.int_field("chunk_size", minimum=1),
+        total_size=h.int_field("total_size", minimum=1),
+        sha256=h.str_field("sha256"),
+        data=bytes(payload),
+    )
+    if not SHA256_PATTERN.match(chunk.sha256):
+        raise MalformedMessage("CHUNK field 'sha256' is not 64 lowercase hex digits")
+    if chunk.count != -(-chunk.total_size // chunk.chunk_size):
+        raise MalformedMessage(
+            f"CHUNK count {chunk.count} does not match total_size {chunk.total_size} / chunk_size {chunk.chunk_size}"
+        )
+    if chunk.index >= chunk.count:
+        raise MalformedMessage(f"CHUNK index {chunk.index} >= count {chunk.count}")
+    expected = min(chunk.chunk_size, chunk.total_size - chunk.index * chunk.chunk_size)
+    if len(chunk.data) != expected:
+        raise MalformedMessage(f"CHUNK {chunk.index} carries {len(chunk.data)} bytes, expected {expected}")
+    return chunk
+
+
+def _decode_chunk_ack(h: Header, payload: memoryview) -> ChunkAck:
+    _no_payload(h, payload)
+    status = h.str_field("status")
+    if status not in ACK_STATUSES:
+        raise MalformedMessage(f"CHUNK_ACK status {status!r} is not one of {list(ACK_STATUSES)}")
+    return ChunkAck(
+        device_id=h.device_id(),
+        round=h.int_field("round", minimum=-1),
+        task_id=h.str_field("task_id"),
+        transfer_id=h.token_field("transfer_id"),
+        next=h.int_field("next", minimum=0),
+        status=status,
+        reason=h.str_field("reason") if "reason" in h.raw else "",
+    )
+
+
+def _decode_error(h: Header, payload: memoryview) -> ErrorMessage:
     _no_payload(h, payload)
     return ErrorMessage(
         device_id=h.device_id(),
@@ -337,9 +386,11 @@ def _decode_error(h: _Header, payload: memoryview) -> ErrorMessage:
     )
 
 
-_DECODERS: dict[int, Callable[[_Header, memoryview], Message]] = {
+_DECODERS: dict[int, Callable[[Header, memoryview], Message]] = {
     STATUS: _decode_status,
     TASK: _decode_task,
     UPDATE: _decode_update,
     ERROR: _decode_error,
+    CHUNK: _decode_chunk,
+    CHUNK_ACK: _decode_chunk_ack,
 }

@@ -5,7 +5,12 @@ such as ``fedflock/v1/devices/%c/#`` can confine a device to its own topics::
 
     {prefix}/devices/{device_id}/status    device -> all     retained, QoS 1, also the last will
     {prefix}/devices/{device_id}/tasks     server -> device  QoS 1
-    {prefix}/devices/{device_id}/results   device -> server  QoS 1 (UPDATE or ERROR)
+    {prefix}/devices/{device_id}/results   device -> server  QoS 1 (UPDATE, ERROR, CHUNK, CHUNK_ACK)
+    {prefix}/models/{channel}              server -> all     retained, QoS 1: public model channels
+
+The tasks topic is the device's inbox (TASK, CHUNK, CHUNK_ACK from the server). A device
+publishes only under its own id and reads only its inbox and ``{prefix}/models/#``
+(deploy/mosquitto/acl.example).
 
 ``prefix`` defaults to ``fedflock/v1``; deployments may set their own (one prefix per federation).
 """
@@ -48,6 +53,12 @@ class Topics:
 
     def results(self, device_id: str) -> str:
         return self.device(device_id, RESULTS)
+
+    def model_channel(self, channel: str) -> str:
+        """A public, retained model channel (e.g. ``current``) every device may read."""
+        if not DEVICE_ID_PATTERN.match(channel):
+            raise ConfigError(f"invalid model channel {channel!r}")
+        return f"{self.prefix}/models/{channel}"
 
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one kind of topic of every device."""

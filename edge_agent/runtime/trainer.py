@@ -62,7 +62,8 @@ def batch_slices(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]
     """
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()  # (popping inside the assignment would shift the target index)
+        batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker_server.rounds import RoundState, validate_delta
-from edge_agent.errors import ContractViolation
+from broker_server.rounds import RoundState
+from edge_agent.codecs import CodecSpec, encode_update
+from edge_agent.errors import ContractViolation, ProtocolError
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 
@@ -16,9 +17,8 @@ SPECS = (TensorSpec(name="w", shape=(2,), dtype="float32", role="parameter", tra
 def update(device: str = "d1", task: str = "t1", n: int = 10, value: float = 1.0, **kw) -> UpdateMessage:
     fields = {"round": 1, "model_version": 0, "metrics": {"train_loss": value}}
     fields.update(kw)
-    return UpdateMessage(
-        device_id=device, task_id=task, num_examples=n, delta={"w": np.full(2, value, np.float32)}, **fields
-    )
+    payload = encode_update({"w": np.full(2, value, np.float32)}, CodecSpec("fp32"), rng=np.random.default_rng(0))
+    return UpdateMessage(device_id=device, task_id=task, num_examples=n, payload=payload, **fields)
 
 
 def state() -> RoundState:
@@ -66,16 +66,40 @@ def test_unacceptable_updates_are_rejected_and_change_nothing(bad: UpdateMessage
     assert s.mean.count == 0 and not s.accepted
 
 
+def _encoded(delta: dict, codec: str = "fp32") -> bytes:
+    return encode_update(delta, CodecSpec.parse(codec), rng=np.random.default_rng(0))
+
+
 @pytest.mark.parametrize(
-    ("delta", "match"),
+    "payload",
     [
-        ({"w": np.zeros(3, np.float32)}, "shape"),
-        ({"w": np.zeros(2, np.float64)}, "dtype"),
-        ({"w": np.array([np.nan, 0], np.float32)}, "NaN"),
-        ({}, "missing"),
-        ({"w": np.zeros(2, np.float32), "x": np.zeros(1, np.float32)}, "unexpected"),
+        _encoded({"w": np.zeros(3, np.float32)}),  # wrong shape
+        _encoded({"x": np.zeros(2, np.float32)}),  # wrong name
+        _encoded({}),  # missing tensor
+        _encoded({"w": np.zeros(2, np.float32), "x": np.zeros(1, np.float32)}),  # extra tensor
+        _encoded({"w": np.ones(2, np.float32)})[:-3],  # truncated
+        b"FFCU" + bytes(20),  # garbage body
     ],
 )
-def test_validate_delta(delta: dict, match: str) -> None:
-    with pytest.raises(ContractViolation, match=match):
-        validate_delta(delta, SPECS)
+def test_bad_payloads_are_rejected_and_change_nothing(payload: bytes) -> None:
+    s = state()
+    assert s.accept_update(update(device="d2", task="t2", n=5, value=2.0))
+    with pytest.raises(ProtocolError):
+        s.accept_update(UpdateMessage(**{**vars(update()), "payload": payload}))
+    assert s.mean.count == 1 and s.accepted == {"t2"}
+    np.testing.assert_allclose(s.mean.result()["w"], [2.0, 2.0])
+    assert s.accept_update(update())  # the device can still deliver a good update for the task
+
+
+def test_codec_must_be_offered_and_match_the_payload() -> None:
+    s = RoundState(round=1, model_version=0, tasks={"t1": "d1"}, specs=SPECS, codecs=frozenset({"int8"}))
+    with pytest.raises(ContractViolation, match="not offered"):
+        s.accept_update(update())  # fp32 was not offered
+    lying = UpdateMessage(**{**vars(update()), "codec": "int8"})  # header says int8, payload is fp32
+    with pytest.raises(ContractViolation, match="payload"):
+        s.accept_update(lying)
+    good = UpdateMessage(
+        **{**vars(update()), "codec": "int8", "payload": _encoded({"w": np.ones(2, np.float32)}, "int8")}
+    )
+    assert s.accept_update(good)
+    np.testing.assert_allclose(s.mean.result()["w"], [1.0, 1.0])

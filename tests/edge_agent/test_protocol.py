@@ -9,6 +9,9 @@ import pytest
 
 from edge_agent.errors import ConfigError, ContractViolation, MalformedMessage, UnsupportedVersion
 from edge_agent.protocol.messages import (
+    ACK_REJECTED,
+    ChunkAck,
+    ChunkMessage,
     ErrorMessage,
     StatusMessage,
     TaskMessage,
@@ -113,6 +116,8 @@ MESSAGES = [
         lr=0.05,
         deadline_s=60.0,
         weights=sample_tensors(),
+        codecs=("topk-int8:0.01", "int8", "fp32"),
+        max_chunk_bytes=65536,
     ),
     UpdateMessage(
         device_id="dev_2",
@@ -121,9 +126,25 @@ MESSAGES = [
         model_version=2,
         num_examples=70,
         metrics={"train_loss": 0.5, "train_accuracy": 0.75},
-        delta=sample_tensors(),
+        codec="int8",
+        attempt=2,
+        payload=b"FFCU opaque to the envelope",
     ),
     ErrorMessage(device_id="dev-1", round=3, task_id="r3-abc", code="training_error", reason="loss nan"),
+    ChunkMessage(
+        device_id="dev-1",
+        round=3,
+        task_id="r3-abc",
+        transfer_id="t-0123abcd",
+        index=2,
+        count=3,
+        chunk_size=4096,
+        total_size=8192 + 100,
+        sha256="0f" * 32,
+        data=bytes(range(100)),
+    ),
+    ChunkAck(device_id="dev-1", round=3, task_id="r3-abc", transfer_id="t-0123abcd", next=2),
+    ChunkAck(device_id="dev-1", round=-1, task_id="", transfer_id="t-9", next=0, status=ACK_REJECTED, reason="too big"),
 ]
 
 
@@ -187,10 +208,48 @@ def test_bad_header_fields_are_rejected_with_the_field_name() -> None:
         decode_message(_with_header(MESSAGES[0], online=1))
 
 
-def test_truncated_update_payload_is_rejected() -> None:
-    data = encode_message(MESSAGES[2])
+def test_truncated_task_payload_is_rejected() -> None:
+    data = encode_message(MESSAGES[1])
     with pytest.raises(MalformedMessage):
         decode_message(data[:-9])
+
+
+def test_update_idempotency_key_is_device_task_attempt() -> None:
+    assert MESSAGES[2].idempotency_key == ("dev_2", "r3-abc", 2)
+
+
+def test_bad_update_and_task_fields_are_rejected() -> None:
+    with pytest.raises(MalformedMessage, match="attempt"):
+        decode_message(_with_header(MESSAGES[2], attempt=0))
+    with pytest.raises(MalformedMessage, match="codec"):
+        decode_message(_with_header(MESSAGES[2], codec="int8; rm -rf"))
+    with pytest.raises(MalformedMessage, match="codecs"):
+        decode_message(_with_header(MESSAGES[1], codecs="int8"))
+    with pytest.raises(MalformedMessage, match="max_chunk_bytes"):
+        decode_message(_with_header(MESSAGES[1], max_chunk_bytes=10))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"count": 2}, "count"),
+        ({"index": 3}, "index"),
+        ({"sha256": "xyz"}, "sha256"),
+        ({"transfer_id": "a/b"}, "transfer_id"),
+        ({"total_size": 8192 + 99}, "bytes, expected"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_inconsistent_chunks_are_rejected(changes: dict, match: str) -> None:
+    with pytest.raises(MalformedMessage, match=match):
+        decode_message(_with_header(MESSAGES[4], **changes))
+
+
+def test_chunk_ack_status_is_checked() -> None:
+    with pytest.raises(MalformedMessage, match="status"):
+        decode_message(_with_header(MESSAGES[5], status="maybe"))
+    with pytest.raises(MalformedMessage, match="payload"):
+        decode_message(encode_message(MESSAGES[5]) + b"x")
 
 
 def test_status_with_payload_is_rejected() -> None:

@@ -1,7 +1,8 @@
 """A running server, over a real Mosquitto, facing a device that sends every kind of bad message.
 
 The rogue device answers its task with malformed, truncated, unknown-version, mis-addressed,
-wrong-shape and non-finite updates before a valid one. The server must log a reason for each,
+wrong-shape, non-finite, truncated-payload, unknown-codec and not-offered-codec updates before a
+valid one. The server must log a reason for each,
 keep running, accept the valid updates exactly once and finish the round.
 """
 
@@ -15,6 +16,7 @@ import pytest
 
 from broker_server.server import FederatedServer, ServerConfig
 from edge_agent.agent import Agent, AgentConfig, offline_will
+from edge_agent.codecs import CodecSpec, encode_update
 from edge_agent.protocol.messages import (
     StatusMessage,
     TaskMessage,
@@ -28,6 +30,7 @@ from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
 from tests.fixtures import digits_split
 
 PREFIX = Topics("malformed/v1")
+NAN_CODE, NAN_PHRASE = "malformed_message", "non-finite"
 
 
 def transport(url: str, client_id: str, **kw) -> MqttTransport:
@@ -35,24 +38,38 @@ def transport(url: str, client_id: str, **kw) -> MqttTransport:
     return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id, **kw))
 
 
-def bad_updates(task: TaskMessage, good: UpdateMessage) -> list[tuple[str, bytes]]:
+def _payload(delta: dict[str, np.ndarray], codec: str = "fp32") -> bytes:
+    return encode_update(delta, CodecSpec.parse(codec), rng=np.random.default_rng(0))
+
+
+def bad_updates(task: TaskMessage, good: UpdateMessage, zeros: dict[str, np.ndarray]) -> list[tuple[str, bytes]]:
     """(expected rejection code, payload) pairs, all published on the rogue's own results topic."""
     valid = encode_message(good)
-    wrong_shape = dict(good.delta)
-    name = next(iter(wrong_shape))
-    wrong_shape[name] = np.zeros((3, 3), np.float32)
-    nan = {k: v.copy() for k, v in good.delta.items()}
-    nan[name].flat[0] = np.nan
+    name = next(iter(zeros))
+    wrong_shape = encode_update(
+        {**zeros, name: np.zeros((3, 3), np.float32)}, CodecSpec("fp32"), rng=np.random.default_rng(0)
+    )
+    marked = {**zeros, name: np.full(zeros[name].shape, 1234.5, np.float32)}
+    nan = _payload(marked).replace(struct.pack("<f", 1234.5), struct.pack("<f", float("nan")), 1)
+    unknown_codec = bytearray(good.payload)
+    unknown_codec[5] = 200
+
+    def variant(**changes: object) -> bytes:
+        return encode_message(UpdateMessage(**{**vars(good), **changes}))  # type: ignore[arg-type]
+
     return [
         ("malformed_message", b"\x00\x01garbage"),
         ("malformed_message", valid[: len(valid) // 2]),
         ("unsupported_version", valid[:4] + bytes([9]) + valid[5:]),
         ("malformed_message", valid[:8] + struct.pack("<I", 10**6) + valid[12:]),
-        ("protocol_error", encode_message(UpdateMessage(**{**vars(good), "device_id": "somebody-else"}))),
-        ("contract_violation", encode_message(UpdateMessage(**{**vars(good), "delta": wrong_shape}))),
-        ("contract_violation", encode_message(UpdateMessage(**{**vars(good), "delta": nan}))),
-        ("contract_violation", encode_message(UpdateMessage(**{**vars(good), "task_id": "invented"}))),
-        ("contract_violation", encode_message(UpdateMessage(**{**vars(good), "round": task.round + 7}))),
+        ("protocol_error", variant(device_id="somebody-else")),
+        ("contract_violation", variant(payload=wrong_shape)),
+        (NAN_CODE, variant(payload=nan)),
+        ("malformed_message", variant(payload=good.payload[: len(good.payload) // 2])),
+        ("unsupported_version", variant(payload=bytes(unknown_codec))),
+        ("contract_violation", variant(codec="sign", payload=_payload(zeros, "sign"))),  # not offered
+        ("contract_violation", variant(task_id="invented")),
+        ("contract_violation", variant(round=task.round + 7)),
     ]
 
 
@@ -79,9 +96,9 @@ def rogue_device(url: str, bundle, stop: threading.Event, sent: list[str]) -> No
                 task_id=task.task_id,
                 model_version=task.model_version,
                 num_examples=10,
-                delta=zeros,
+                payload=_payload(zeros),
             )
-            for code, payload in bad_updates(task, good):
+            for code, payload in bad_updates(task, good, zeros):
                 rogue.publish(PREFIX.results("rogue"), payload)
                 sent.append(code)
             rogue.publish(PREFIX.results("rogue"), encode_message(good))
@@ -141,7 +158,9 @@ def test_server_survives_bad_messages_and_keeps_accepted_updates(mosquitto, digi
             "header length",
             "somebody-else",
             "shape",
-            "NaN",
+            NAN_PHRASE,
+            "not offered",
+            "unknown codec id 200",
             "unknown task",
             "round",
         ):

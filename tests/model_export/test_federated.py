@@ -14,6 +14,7 @@ from torch import nn
 
 from broker_server.server import FederatedServer, ServerConfig
 from edge_agent.agent import Agent, AgentConfig
+from edge_agent.codecs import decode_update
 from edge_agent.data import Dataset
 from edge_agent.errors import ContractViolation
 from edge_agent.protocol.messages import TaskMessage, UpdateMessage, decode_message, encode_message
@@ -189,7 +190,8 @@ def test_personal_tensors_stay_on_the_device_across_tasks(bundle: Bundle, tmp_pa
     for message in tasks:
         assert set(message.weights) == {"body.0.weight", "body.0.bias"}
     for message in updates:
-        assert set(message.delta) == {"body.0.weight", "body.0.bias"}
+        delta = decode_update(message.payload, {t.name: t.shape for t in bundle.manifest.aggregated_tensors})
+        assert set(delta) == {"body.0.weight", "body.0.bias"}
     initial = bundle.initial_weights()
     first, second = personal_after
     assert not np.allclose(first["head.weight"], initial["head.weight"])

@@ -1,0 +1,159 @@
+"""Update codecs on a federated digits run: bytes per update and final accuracy, vs fp32, one script run.
+
+Digits (scikit-learn's bundled copy), split over ``--devices`` (50) with Dirichlet(``--alpha`` = 0.3),
+the demo CNN, FedAvg for ``--rounds`` rounds with ``--per-round`` devices sampled per round — the
+same sample sequence, data and initial weights for every codec. Each device is a real
+:class:`~edge_agent.agent.Agent` (its ``execute`` path: onnxruntime training, codec choice,
+error feedback) and the server side is the real :class:`~broker_server.rounds.RoundState`
+(validation and streaming accumulation of the encoded payload); only the MQTT hop is left out,
+so bytes are the UPDATE envelope a device would publish.
+
+Prints a markdown table: payload and envelope bytes per update, ratio to fp32 (payload and
+envelope), final test accuracy and its difference to fp32. Goals (issue #4): int8 >= 3.9x,
+4-bit >= 7.5x, top-k 1 % + int8 with error feedback >= 50x, each within 1 accuracy point.
+
+    python benchmarks/compression.py [--rounds 40] [--codecs fp32 int8 int4 topk-int8:0.01 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from broker_server.aggregate import apply_delta
+from broker_server.rounds import RoundState
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.codecs import CodecSpec
+from edge_agent.data import Dataset
+from edge_agent.protocol.messages import TaskMessage, UpdateMessage, encode_message
+from edge_agent.protocol.tensors import encode_tensors
+from edge_agent.runtime.bundle import Bundle
+from edge_agent.runtime.trainer import OrtTrainer
+from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
+from fedflock.datasets import dirichlet_partition, load_digits_arrays, train_test_split
+
+DEFAULT_CODECS = ["fp32", "fp16", "int8", "int8-channel", "int4", "int2", "sign", "topk:0.01", "topk-int8:0.01"]
+
+
+def export_digits_bundle(out: Path) -> Bundle:
+    import torch
+
+    from model_export import DigitsCNN, export_bundle
+
+    torch.manual_seed(0)
+    return Bundle.open(export_bundle(DigitsCNN(), input_shape=(1, 8, 8), num_classes=10, out_dir=out, lr=0.05))
+
+
+def run_codec(
+    codec: str, bundle: Bundle, shards: list[Dataset], test: Dataset, args: argparse.Namespace
+) -> dict[str, float]:
+    spec = CodecSpec.parse(codec)
+    trainer = OrtTrainer.open(bundle, threads=1)
+    hub = InMemoryBroker()
+    agents = [
+        Agent(
+            AgentConfig(device_id=f"d{i}", seed=i, codec_preferences={"unknown": (codec,)}),
+            InMemoryTransport(hub, f"d{i}"),  # never started: execute() does no I/O
+            trainer,
+            shard,
+        )
+        for i, shard in enumerate(shards)
+    ]
+    weights = bundle.initial_weights()
+    specs = bundle.manifest.aggregated_tensors
+    sampler = np.random.default_rng(args.seed)
+    payload_bytes: list[int] = []
+    envelope_bytes: list[int] = []
+    started = time.perf_counter()
+    for number in range(1, args.rounds + 1):
+        chosen = sorted(sampler.choice(len(agents), size=args.per_round, replace=False).tolist())
+        tasks = {f"r{number}-d{i}": f"d{i}" for i in chosen}
+        state = RoundState(
+            round=number, model_version=number - 1, tasks=tasks, specs=specs, codecs=frozenset({spec.name})
+        )
+        shared = {t.name: weights[t.name] for t in bundle.manifest.shared_model_tensors}
+        for task_id, device_id in tasks.items():
+            task = TaskMessage(
+                device_id=device_id,
+                round=number,
+                task_id=task_id,
+                model_version=number - 1,
+                bundle_digest=bundle.digest,
+                epochs=args.epochs,
+                batch_size=16,
+                lr=0.05,
+                deadline_s=60.0,
+                weights=shared,
+                codecs=(codec,),
+            )
+            update = agents[int(device_id[1:])].execute(task)
+            assert isinstance(update, UpdateMessage), update
+            payload_bytes.append(len(update.payload))
+            envelope_bytes.append(len(encode_message(update)))
+            state.accept_update(update)
+        weights = apply_delta(weights, state.mean.result())
+    accuracy = trainer.evaluate(weights, test.x, test.y).accuracy
+    return {
+        "payload": statistics.mean(payload_bytes),
+        "envelope": statistics.mean(envelope_bytes),
+        "accuracy": accuracy,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS)
+    parser.add_argument("--devices", type=int, default=50)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if "fp32" not in args.codecs:
+        args.codecs.insert(0, "fp32")
+
+    x, y = load_digits_arrays()
+    rng = np.random.default_rng(args.seed)
+    train, test_idx = train_test_split(y, 0.2, rng)
+    parts = dirichlet_partition(y[train], args.devices, args.alpha, rng)
+    shards = [Dataset(x[train][p], y[train][p]) for p in parts]
+    test = Dataset(x[test_idx], y[test_idx])
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = export_digits_bundle(Path(tmp) / "bundle")
+        raw = len(encode_tensors({t.name: np.zeros(t.shape, np.float32) for t in bundle.manifest.aggregated_tensors}))
+        params = sum(int(np.prod(t.shape)) for t in bundle.manifest.aggregated_tensors)
+        results = {}
+        for codec in args.codecs:
+            results[codec] = run_codec(codec, bundle, shards, test, args)
+            r = results[codec]
+            print(
+                f"{codec}: {r['payload']:.0f} B payload, accuracy {r['accuracy']:.4f} ({r['seconds']:.0f}s)", flush=True
+            )
+
+    base = results["fp32"]
+    print(
+        f"\nDigits CNN ({params} aggregated parameters; plain fp32 tensor set {raw} B), {args.devices} devices, "
+        f"Dirichlet {args.alpha}, {args.per_round}/round, {args.rounds} rounds, {args.epochs} local epochs\n"
+    )
+    print("| codec | payload B | envelope B | payload ratio | envelope ratio | accuracy | Δ vs fp32 (points) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for codec, r in results.items():
+        print(
+            f"| {codec} | {r['payload']:.0f} | {r['envelope']:.0f} | {base['payload'] / r['payload']:.1f}× "
+            f"| {base['envelope'] / r['envelope']:.1f}× | {r['accuracy'] * 100:.2f} % "
+            f"| {(r['accuracy'] - base['accuracy']) * 100:+.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
