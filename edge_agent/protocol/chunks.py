@@ -1,13 +1,10 @@
 """Chunked, resumable transfers of one large envelope: pure state machines, no I/O.
 
-An *object* (the bytes of one whole FFLK envelope: a TASK downloaded, an UPDATE uploaded) travels
-as CHUNK messages, each answered by a CHUNK_ACK. Chunk ``i`` of ``count = ceil(total_size /
-chunk_size)`` covers bytes ``[i * chunk_size, min((i + 1) * chunk_size, total_size))``; every
-chunk repeats the object's metadata, so no "begin" message is needed. Acks are cumulative:
-``ack.next`` = number of leading chunks the receiver holds. The receiver (:class:`ChunkAssembler`)
-stores chunks strictly in order and acks every chunk; the sender (:class:`ChunkSender`) runs
-go-back-N with a window of chunks in flight. Time is passed in as ``now`` (seconds, any monotonic
-origin); :class:`edge_agent.transfer.TransferLink` drives both over a Transport.
+An *object* (one whole FFLK envelope) travels as CHUNKs, each answered by a CHUNK_ACK; chunk ``i``
+covers bytes ``[i * chunk_size, min((i + 1) * chunk_size, total_size))`` and repeats the object's
+metadata (no "begin" message). Acks are cumulative (``next`` = leading chunks held). The receiver
+(:class:`ChunkAssembler`) stores strictly in order; the sender (:class:`ChunkSender`) runs go-back-N.
+``now`` is any monotonic time; :class:`edge_agent.transfer.TransferLink` drives both on a Transport.
 """
 
 from __future__ import annotations
