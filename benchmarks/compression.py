@@ -12,7 +12,7 @@ Prints a markdown table: payload and envelope bytes per update, ratio to fp32 (p
 envelope), final test accuracy and its difference to fp32. Goals (issue #4): int8 >= 3.9x,
 4-bit >= 7.5x, top-k 1 % + int8 with error feedback >= 50x, each within 1 accuracy point.
 
-    python benchmarks/compression.py [--rounds 40] [--codecs fp32 int8 int4 topk-int8:0.01 ...]
+    python benchmarks/compression.py [--rounds 40] [--seeds 0 1 2] [--codecs fp32 int8 int4 topk-int8:0.01 ...]
 """
 
 from __future__ import annotations
@@ -117,41 +117,57 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; accuracy averaged")
     args = parser.parse_args()
     if "fp32" not in args.codecs:
         args.codecs.insert(0, "fp32")
 
-    x, y = load_digits_arrays()
-    rng = np.random.default_rng(args.seed)
-    train, test_idx = train_test_split(y, 0.2, rng)
-    parts = dirichlet_partition(y[train], args.devices, args.alpha, rng)
-    shards = [Dataset(x[train][p], y[train][p]) for p in parts]
-    test = Dataset(x[test_idx], y[test_idx])
     with tempfile.TemporaryDirectory() as tmp:
         bundle = export_digits_bundle(Path(tmp) / "bundle")
         raw = len(encode_tensors({t.name: np.zeros(t.shape, np.float32) for t in bundle.manifest.aggregated_tensors}))
         params = sum(int(np.prod(t.shape)) for t in bundle.manifest.aggregated_tensors)
-        results = {}
-        for codec in args.codecs:
-            results[codec] = run_codec(codec, bundle, shards, test, args)
-            r = results[codec]
-            print(
-                f"{codec}: {r['payload']:.0f} B payload, accuracy {r['accuracy']:.4f} ({r['seconds']:.0f}s)", flush=True
-            )
+        runs: dict[str, list[dict[str, float]]] = {codec: [] for codec in args.codecs}
+        for seed in args.seeds:
+            shards, test = digits_shards(args, seed)
+            for codec in args.codecs:
+                r = run_codec(codec, bundle, shards, test, argparse.Namespace(**vars(args), seed=seed))
+                runs[codec].append(r)
+                print(
+                    f"seed {seed} {codec}: {r['payload']:.0f} B payload, accuracy {r['accuracy']:.4f} "
+                    f"({r['seconds']:.0f}s)",
+                    flush=True,
+                )
+    print_table(runs, args, params, raw)
 
-    base = results["fp32"]
+
+def digits_shards(args: argparse.Namespace, seed: int) -> tuple[list[Dataset], Dataset]:
+    x, y = load_digits_arrays()
+    rng = np.random.default_rng(seed)
+    train, test_idx = train_test_split(y, 0.2, rng)
+    parts = dirichlet_partition(y[train], args.devices, args.alpha, rng)
+    return [Dataset(x[train][p], y[train][p]) for p in parts], Dataset(x[test_idx], y[test_idx])
+
+
+def print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespace, params: int, raw: int) -> None:
+    def mean(codec: str, key: str) -> float:
+        return statistics.mean(r[key] for r in runs[codec])
+
+    seeds = ", ".join(map(str, args.seeds))
     print(
         f"\nDigits CNN ({params} aggregated parameters; plain fp32 tensor set {raw} B), {args.devices} devices, "
-        f"Dirichlet {args.alpha}, {args.per_round}/round, {args.rounds} rounds, {args.epochs} local epochs\n"
+        f"Dirichlet {args.alpha}, {args.per_round}/round, {args.rounds} rounds, {args.epochs} local epochs, "
+        f"seeds {seeds} (accuracy: mean over seeds; Δ: mean of per-seed differences, [min, max])\n"
     )
     print("| codec | payload B | envelope B | payload ratio | envelope ratio | accuracy | Δ vs fp32 (points) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for codec, r in results.items():
+    for codec in runs:
+        deltas = [(r["accuracy"] - b["accuracy"]) * 100 for r, b in zip(runs[codec], runs["fp32"], strict=True)]
+        spread = f" [{min(deltas):+.2f}, {max(deltas):+.2f}]" if len(deltas) > 1 else ""
         print(
-            f"| {codec} | {r['payload']:.0f} | {r['envelope']:.0f} | {base['payload'] / r['payload']:.1f}× "
-            f"| {base['envelope'] / r['envelope']:.1f}× | {r['accuracy'] * 100:.2f} % "
-            f"| {(r['accuracy'] - base['accuracy']) * 100:+.2f} |"
+            f"| {codec} | {mean(codec, 'payload'):.0f} | {mean(codec, 'envelope'):.0f} "
+            f"| {mean('fp32', 'payload') / mean(codec, 'payload'):.2f}× "
+            f"| {mean('fp32', 'envelope') / mean(codec, 'envelope'):.2f}× | {mean(codec, 'accuracy') * 100:.2f} % "
+            f"| {statistics.mean(deltas):+.2f}{spread} |"
         )
 
 
