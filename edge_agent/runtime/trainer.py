@@ -7,12 +7,13 @@ weights (the weights the task started from), the trainable masks, a step counter
 continuing across epochs, for Adam's bias correction and on-device schedules) and a per-step
 seed. With micro-batching, each batch runs through ``accumulate`` once per micro-batch and
 ``apply`` once (:mod:`model_export.accumulation` explains why that equals one big step).
+Training can pause at any step boundary and resume bit for bit (:mod:`edge_agent.runtime.checkpoint`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnxruntime as ort
@@ -20,6 +21,16 @@ import onnxruntime as ort
 from edge_agent.errors import BundleError, TrainingError
 from edge_agent.protocol.manifest import FINITE_OUTPUT, LOSS_SCALE_INPUT
 from edge_agent.runtime.bundle import Bundle, Tensors, check_tensors
+from edge_agent.runtime.checkpoint import (
+    CheckpointMismatch,
+    TrainCheckpoint,
+    TrainingPaused,
+    TrainPlan,
+    TrainProgress,
+    check_resume,
+    restore_rng,
+    restore_scaler,
+)
 from edge_agent.runtime.feeds import (
     GraphRunner,
     HyperValue,
@@ -29,9 +40,14 @@ from edge_agent.runtime.feeds import (
     resolve_hyperparameters,
 )
 from edge_agent.runtime.loss_scale import DynamicLossScaler
+from edge_agent.runtime.train_loop import StepContext, TrainRun, batch_slices, total_steps
+
+__all__ = ["EvalResult", "OrtTrainer", "StepCallback", "StopCheck", "TrainResult", "batch_slices"]
 
 #: Called after every step with (steps done, total steps, running mean loss).
 StepCallback = Callable[[int, int, float], None]
+#: Asked at every step boundary: True pauses training (:class:`TrainingPaused`).
+StopCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -52,19 +68,6 @@ class EvalResult:
     num_examples: int
     loss: float
     accuracy: float
-
-
-def batch_slices(n: int, batch_size: int, order: np.ndarray) -> list[np.ndarray]:
-    """Index batches over ``order``; a final batch of 1 is folded into the previous one.
-
-    BatchNorm in training mode cannot normalise a single example, so no batch has size 1
-    unless the whole data set does.
-    """
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        last = batches.pop()  # (popping inside the assignment would shift the target index)
-        batches[-1] = np.concatenate([batches[-1], last])
-    return batches
 
 
 class OrtTrainer:
@@ -143,50 +146,104 @@ class OrtTrainer:
         hyperparameters: Mapping[str, HyperValue] | None = None,
         frozen: Sequence[str] = (),
         global_weights: Tensors | None = None,
+        task_id: str = "",
+        should_stop: StopCheck | None = None,
+        resume: TrainCheckpoint | None = None,
     ) -> TrainResult:
         """Run ``epochs`` passes of mini-batch training from ``weights``; optimizer state starts at zero.
 
         ``hyperparameters`` override the manifest defaults, ``frozen`` names tensors whose mask is
         0 for this task, ``global_weights`` (default ``weights``) is the FedProx anchor.
         Raises :class:`ContractViolation` for unknown hyper-parameters or frozen names.
+
+        ``should_stop`` is asked after every step but the last; when it returns True, training
+        raises :class:`TrainingPaused` whose ``checkpoint`` (tagged with ``task_id`` and the
+        bundle digest) continues it: call again with the same arguments and ``resume=checkpoint``
+        (``weights`` are still the task's starting weights). That sets ``rng`` to the paused
+        run's generator state and gives a result identical to an uninterrupted run; a resumed
+        call always runs at least one step. A checkpoint of another task, bundle, data size,
+        batch size, epoch count or learning rate raises :class:`CheckpointMismatch`.
         """
         manifest = self.bundle.manifest
         check_tensors(manifest, weights, names=self._model_names)
         self.check_data(x, y)
-        hyper = resolve_hyperparameters(manifest, hyperparameters)
-        masks = mask_values(manifest, frozen)
         anchor = global_weights if global_weights is not None else weights
-        globals_ = {name: anchor[name] for g in manifest.graphs.values() for name in g.global_inputs}
+        context = StepContext(
+            hyper=resolve_hyperparameters(manifest, hyperparameters),
+            masks=mask_values(manifest, frozen),
+            globals_={name: anchor[name] for g in manifest.graphs.values() for name in g.global_inputs},
+            lr=np.array(lr, dtype=np.float32),
+        )
+        plan = TrainPlan(
+            task_id=task_id,
+            bundle_digest=self.bundle.digest,
+            num_examples=len(x),
+            batch_size=batch_size,
+            epochs=epochs,
+            lr=float(lr),
+        )
+        run = self._start(plan, weights, rng, context) if resume is None else self._resume(plan, resume, rng, context)
+        self._run_steps(run, x, y, on_step, should_stop)
+        progress = run.progress
+        new_weights = {name: run.state[name] for name in self._model_names}
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else None
+        mean_loss, accuracy = progress.loss_sum / max(progress.seen, 1), progress.correct_sum / max(progress.seen, 1)
+        return TrainResult(new_weights, len(x), progress.steps, mean_loss, accuracy, progress.skipped, scale)
+
+    def _start(self, plan: TrainPlan, weights: Tensors, rng: np.random.Generator, context: StepContext) -> TrainRun:
         state: Tensors = {name: np.array(weights[name]) for name in self._model_names}
         state.update(self.bundle.zero_optimizer_state())
-        context = _StepContext(hyper=hyper, masks=masks, globals_=globals_, lr=np.array(lr, dtype=np.float32))
         context.seed = int(rng.integers(0, 2**62))
-        total_steps = epochs * len(batch_slices(len(x), batch_size, np.arange(len(x))))
-        loss_sum, correct_sum, seen, steps, skipped = 0.0, 0, 0, 0, 0
-        for _ in range(epochs):
-            for index in batch_slices(len(x), batch_size, rng.permutation(len(x))):
-                context.step = steps - skipped + 1  # optimizer steps taken (Adam, schedules)
-                outcome: tuple[float, int] | None
-                if self.micro_batch and len(index) > self.micro_batch:
-                    outcome = self._accumulated_step(state, x, y, index, context)
-                else:
-                    outcome = self._step(state, x[index], y[index], context)
-                steps += 1
-                if outcome is None:
-                    skipped += 1
-                else:
-                    loss_sum += outcome[0] * len(index)
-                    correct_sum += outcome[1]
-                    seen += len(index)
-                if on_step is not None:
-                    on_step(steps, total_steps, loss_sum / max(seen, 1))
-        new_weights = {name: state[name] for name in self._model_names}
-        scale = self.loss_scaler.scale if self.loss_scaler is not None else None
-        return TrainResult(
-            new_weights, len(x), steps, loss_sum / max(seen, 1), correct_sum / max(seen, 1), skipped, scale
-        )
+        return TrainRun(plan=plan, state=state, context=context, rng=rng, progress=TrainProgress())
 
-    def _step(self, state: Tensors, xb: np.ndarray, yb: np.ndarray, context: _StepContext) -> tuple[float, int] | None:
+    def _resume(
+        self, plan: TrainPlan, checkpoint: TrainCheckpoint, rng: np.random.Generator, context: StepContext
+    ) -> TrainRun:
+        check_resume(checkpoint, plan)
+        if checkpoint.progress.steps >= total_steps(plan):
+            raise CheckpointMismatch(f"checkpoint is past the task's last step ({checkpoint.progress.steps})")
+        check_tensors(self.bundle.manifest, checkpoint.tensors, names=self._state_names)
+        scaler = restore_scaler(self.loss_scaler, checkpoint)
+        restore_rng(rng, checkpoint.rng_state)  # the last check: nothing has changed if it fails
+        self.loss_scaler = scaler
+        context.seed, context.forward_passes = checkpoint.seed, checkpoint.forward_passes
+        state = {name: np.array(value) for name, value in checkpoint.tensors.items()}
+        order = None if checkpoint.order is None else np.array(checkpoint.order)
+        progress = replace(checkpoint.progress)
+        return TrainRun(plan=plan, state=state, context=context, rng=rng, progress=progress, order=order)
+
+    def _run_steps(
+        self, run: TrainRun, x: np.ndarray, y: np.ndarray, on_step: StepCallback | None, should_stop: StopCheck | None
+    ) -> None:
+        total = total_steps(run.plan)
+        progress = run.progress
+        while progress.steps < total:
+            batches = run.epoch_batches()
+            for index in batches[progress.batch :]:
+                self._train_batch(run, x, y, index)
+                run.advance(len(batches))
+                if on_step is not None:
+                    on_step(progress.steps, total, progress.loss_sum / max(progress.seen, 1))
+                if progress.steps < total and should_stop is not None and should_stop():
+                    raise TrainingPaused(run.checkpoint(self.loss_scaler))
+
+    def _train_batch(self, run: TrainRun, x: np.ndarray, y: np.ndarray, index: np.ndarray) -> None:
+        progress, context = run.progress, run.context
+        context.step = progress.steps - progress.skipped + 1  # optimizer steps taken (Adam, schedules)
+        outcome: tuple[float, int] | None
+        if self.micro_batch and len(index) > self.micro_batch:
+            outcome = self._accumulated_step(run.state, x, y, index, context)
+        else:
+            outcome = self._step(run.state, x[index], y[index], context)
+        progress.steps += 1
+        if outcome is None:
+            progress.skipped += 1
+        else:
+            progress.loss_sum += outcome[0] * len(index)
+            progress.correct_sum += outcome[1]
+            progress.seen += len(index)
+
+    def _step(self, state: Tensors, xb: np.ndarray, yb: np.ndarray, context: StepContext) -> tuple[float, int] | None:
         """One step; ``None`` when an fp16 step was skipped (state untouched)."""
         fixed = context.fixed(xb, yb)
         scaler = self.loss_scaler
@@ -210,7 +267,7 @@ class OrtTrainer:
         return loss, int(out["correct"])
 
     def _accumulated_step(
-        self, state: Tensors, x: np.ndarray, y: np.ndarray, index: np.ndarray, context: _StepContext
+        self, state: Tensors, x: np.ndarray, y: np.ndarray, index: np.ndarray, context: StepContext
     ) -> tuple[float, int]:
         assert self._accumulate is not None and self._apply is not None
         parts = micro_slices(index, self.micro_batch)
@@ -291,31 +348,6 @@ class OrtTrainer:
             )
         if manifest.task == "classification" and len(y) and (y.min() < 0 or y.max() >= manifest.num_classes):
             raise TrainingError(f"labels must be in [0, {manifest.num_classes}); got {y.min()}..{y.max()}")
-
-
-@dataclass
-class _StepContext:
-    """What stays fixed during one task's training, plus the step counter and seed base."""
-
-    hyper: Tensors
-    masks: Tensors
-    globals_: Tensors
-    lr: np.ndarray
-    step: int = 1
-    seed: int = 0
-    _forward: int = 0
-
-    def fixed(self, xb: np.ndarray | None, yb: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Fixed inputs for one graph run; every forward pass gets its own seed."""
-        self._forward += 1
-        values = {
-            "lr": self.lr,
-            "step": np.array(self.step, dtype=np.float32),
-            "seed": np.array((self.seed + self._forward) % 2**63, dtype=np.int64),
-        }
-        if xb is not None and yb is not None:
-            values |= {"x": xb, "y": yb}
-        return values
 
 
 def _finite_loss(value: np.ndarray) -> float:
