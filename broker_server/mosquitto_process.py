@@ -8,6 +8,13 @@ Usage::
 The config is written from scratch (never the system ``/etc/mosquitto``): one loopback listener,
 anonymous access (Mosquitto 2 refuses anonymous clients on configured listeners by default),
 no persistence, logging to ``mosquitto.log`` in the work directory.
+
+With ``tls=MosquittoTls(...)`` that listener speaks TLS only and :attr:`MosquittoProcess.url` is
+``mqtts://``; connect with ``MqttConfig.from_url(broker.url, tls=TlsConfig(ca_file=...), ...)``::
+
+    tls = MosquittoTls(cafile=ca, certfile=server_cert, keyfile=server_key, require_certificate=True)
+    with MosquittoProcess(Path("/tmp/mq"), tls=tls) as broker:
+        print(broker.url)   # mqtts://127.0.0.1:<free port>
 """
 
 from __future__ import annotations
@@ -18,12 +25,20 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from edge_agent.errors import ConfigError, TransportError
 
-__all__ = ["MosquittoNotInstalled", "MosquittoProcess", "find_mosquitto", "free_port", "wait_for_port"]
+__all__ = [
+    "MosquittoNotInstalled",
+    "MosquittoProcess",
+    "MosquittoTls",
+    "find_mosquitto",
+    "free_port",
+    "wait_for_port",
+]
 
 _FALLBACK_BINARY = "/usr/sbin/mosquitto"  # Debian installs it outside a normal user's PATH
 
@@ -61,6 +76,36 @@ def find_mosquitto() -> str:
     return found
 
 
+@dataclass(frozen=True, kw_only=True)
+class MosquittoTls:
+    """TLS settings of the listener (PEM files; the key must not be encrypted).
+
+    ``require_certificate``: clients must present a certificate signed by ``cafile``.
+    ``use_identity_as_username``: the client certificate's Common Name becomes the MQTT username
+    (so ACLs with ``%u`` apply to it); needs ``require_certificate``.
+    """
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+    use_identity_as_username: bool = False
+
+    def __post_init__(self) -> None:
+        if self.use_identity_as_username and not self.require_certificate:
+            raise ConfigError("use_identity_as_username needs require_certificate")
+
+    def config_lines(self) -> list[str]:
+        """The ``mosquitto.conf`` lines, to follow the ``listener`` line they apply to."""
+        return [
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"require_certificate {_flag(self.require_certificate)}",
+            f"use_identity_as_username {_flag(self.use_identity_as_username)}",
+        ]
+
+
 class MosquittoProcess:
     """One Mosquitto subprocess bound to ``host:port`` (a free port if none is given)."""
 
@@ -74,8 +119,12 @@ class MosquittoProcess:
         start_timeout: float = 10.0,
         allow_anonymous: bool = True,
         extra_config: tuple[str, ...] = (),
+        tls: MosquittoTls | None = None,
     ) -> None:
-        """``extra_config``: more mosquitto.conf lines (e.g. ``acl_file ...``, ``max_packet_size 2048``)."""
+        """``extra_config``: more mosquitto.conf lines (e.g. ``acl_file ...``, ``max_packet_size 2048``).
+
+        ``tls``: make the listener TLS-only (:attr:`url` becomes ``mqtts://``).
+        """
         self.workdir = workdir
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -83,11 +132,13 @@ class MosquittoProcess:
         self._start_timeout = start_timeout
         self._allow_anonymous = allow_anonymous
         self._extra_config = extra_config
+        self.tls = tls
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        """``mqtt://host:port``, or ``mqtts://host:port`` with TLS."""
+        return f"{'mqtts' if self.tls is not None else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -145,6 +196,7 @@ class MosquittoProcess:
         return "\n".join(
             [
                 f"listener {self.port} {self.host}",
+                *(self.tls.config_lines() if self.tls is not None else ()),
                 f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
                 "persistence false",
                 f"user {user}",
@@ -157,3 +209,7 @@ class MosquittoProcess:
                 "",
             ]
         )
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"

@@ -21,6 +21,9 @@ Choices worth knowing:
   ``is_published()`` afterwards and raise :class:`TransportError`.
 * paho keeps session state in memory only: a QoS 1 message whose publish raised may still be
   delivered after a reconnect, so receivers must tolerate duplicates.
+* TLS (``config.tls``): ``start()`` reads the certificate and password files (``tls.py``) and
+  hands paho one verifying SSLContext. A broker that refuses our client certificate ends the
+  TLS 1.3 session after our handshake is done; that alert fails ``start()`` at once.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_agent.errors import TransportError
-from edge_agent.transport import mqtt_config
+from edge_agent.transport import mqtt_config, tls
 from edge_agent.transport.base import InboundMessage
 from edge_agent.transport.memory import Inbox, validate_qos, validate_topic, validate_topic_filter
-from edge_agent.transport.mqtt_config import Backoff, MqttConfig, parse_mqtt_url, reconnect_delay
+from edge_agent.transport.mqtt_config import Backoff, MqttConfig, parse_broker_url, parse_mqtt_url, reconnect_delay
+from edge_agent.transport.tls import TlsConfig
 
-__all__ = ["MqttConfig", "MqttTransport", "parse_mqtt_url", "reconnect_delay"]
+__all__ = ["MqttConfig", "MqttTransport", "TlsConfig", "parse_broker_url", "parse_mqtt_url", "reconnect_delay"]
 
 _log = logging.getLogger(__name__)
 
@@ -64,8 +68,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._subscriptions: dict[str, int] = {}
-        self._acks = threading.Condition()
-        self._subacks: dict[int, list[ReasonCode]] = {}
+        self._acks = mqtt_config.Acks()
         self._connack = threading.Event()
         self._connect_error: str | None = None
         self._resubscribe_mid: int | None = None
@@ -73,8 +76,8 @@ class MqttTransport:
         self._protocol = config.protocol if config.protocol != mqtt_config.PROTOCOL_AUTO else mqtt_config.PROTOCOL_V5
         self._protocol_in_use: str | None = None
         self._max_packet_size: int | None = None
-        self._publish_failures: dict[int, str] = {}  # mid -> failure reason code of its PUBACK
         self._last_disconnect: str | None = None
+        self._secrets = tls.Secrets(password=config.password)  # start() reads config.tls and password_file
 
     @property
     def config(self) -> MqttConfig:
@@ -99,6 +102,8 @@ class MqttTransport:
     def start(self) -> None:
         cfg = self._config
         deadline = time.monotonic() + cfg.connect_timeout
+        if self._client is None:  # ConfigError naming an unusable file, before any connection attempt
+            self._secrets = tls.Secrets.load(cfg.tls, password=cfg.password, password_file=cfg.password_file)
         if cfg.protocol == mqtt_config.PROTOCOL_AUTO and self._client is None and not self._closed:
             self._protocol = mqtt_config.PROTOCOL_V5 if self._probe_v5(deadline) else mqtt_config.PROTOCOL_V311
         client = self._new_client()
@@ -108,7 +113,7 @@ class MqttTransport:
         self._protocol_in_use = self._protocol
         mid = self._resubscribe_mid
         if mid is not None:
-            self._await_suback(mid, max(0.0, deadline - time.monotonic()))
+            self._acks.await_suback(mid, max(0.0, deadline - time.monotonic()))
 
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: float | None = None
@@ -144,8 +149,7 @@ class MqttTransport:
         if not info.is_published():
             last = f" (last disconnect: {self._last_disconnect})" if self._last_disconnect else ""
             raise TransportError(f"publish to {topic!r} not acknowledged within {self._config.publish_timeout}s{last}")
-        with self._acks:
-            failure = self._publish_failures.pop(info.mid, None)
+        failure = self._acks.publish_failure(info.mid)
         if failure is not None:
             raise TransportError(f"broker refused the publish to {topic!r}: {failure}")
 
@@ -168,7 +172,7 @@ class MqttTransport:
             return
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"cannot subscribe to {topic_filter!r}: {mqtt.error_string(rc)}")
-        self._await_suback(mid, self._config.publish_timeout)
+        self._acks.await_suback(mid, self._config.publish_timeout)
 
     def receive(self, timeout: float | None = None) -> InboundMessage | None:
         """Next inbound message; ``None`` after ``timeout`` or at once if closed and drained."""
@@ -222,8 +226,10 @@ class MqttTransport:
         client.connect_timeout = cfg.connect_timeout
         if cfg.will is not None:
             client.will_set(cfg.will.topic, cfg.will.payload, qos=cfg.will.qos, retain=cfg.will.retain)
+        if self._secrets.context is not None:
+            client.tls_set_context(self._secrets.context)
         if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
+            client.username_pw_set(cfg.username, self._secrets.password)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -243,6 +249,8 @@ class MqttTransport:
         probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
         probe.on_log = mqtt_config.forward_paho_log
         probe.connect_timeout = cfg.connect_timeout
+        if self._secrets.context is not None:
+            probe.tls_set_context(self._secrets.context)
         codes: list[ReasonCode] = []
         probe.on_connect = lambda client, userdata, flags, code, properties: codes.append(code)
         try:
@@ -251,11 +259,14 @@ class MqttTransport:
                 if probe.loop(timeout=min(0.1, max(0.0, deadline - time.monotonic()))) != mqtt.MQTT_ERR_SUCCESS:
                     break  # closed by the broker
         except (OSError, ValueError) as exc:
-            raise TransportError(f"cannot connect to mqtt://{cfg.host}:{cfg.port}: {exc}") from exc
+            raise TransportError(tls.describe_connect_error(cfg.host, cfg.port, cfg.url, exc)) from exc
         finally:
             probe.disconnect()
+        refusal = self._secrets.tls_refusal(cfg.host, cfg.port)
+        if refusal is not None and not codes:
+            raise TransportError(refusal)
         if not codes and time.monotonic() >= deadline:
-            raise TransportError(f"no CONNACK from mqtt://{cfg.host}:{cfg.port} within {cfg.connect_timeout}s")
+            raise TransportError(f"no CONNACK from {cfg.url} within {cfg.connect_timeout}s")
         return bool(codes) and codes[0].value != mqtt_config.UNSUPPORTED_PROTOCOL_VERSION
 
     def _connect(self, client: mqtt.Client, deadline: float) -> None:
@@ -270,15 +281,15 @@ class MqttTransport:
             client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **v5_args)
         except (OSError, ValueError) as exc:
             self._abort_start(client)
-            raise TransportError(f"cannot connect to mqtt://{cfg.host}:{cfg.port}: {exc}") from exc
+            raise TransportError(tls.describe_connect_error(cfg.host, cfg.port, cfg.url, exc)) from exc
         client.loop_start()
         if not self._connack.wait(max(0.0, deadline - time.monotonic())):
             self._abort_start(client)
-            raise TransportError(f"no CONNACK from mqtt://{cfg.host}:{cfg.port} within {cfg.connect_timeout}s")
+            raise TransportError(f"no CONNACK from {cfg.url} within {cfg.connect_timeout}s")
         error = self._connect_error
         if error is not None:
             self._abort_start(client)
-            raise TransportError(f"mqtt://{cfg.host}:{cfg.port} refused the connection: {error}")
+            raise TransportError(error)
 
     @property
     def _v5(self) -> bool:
@@ -301,15 +312,6 @@ class MqttTransport:
                 raise TransportError(f"transport {self._config.client_id!r} is not started")
             return self._client
 
-    def _await_suback(self, mid: int, timeout: float) -> None:
-        with self._acks:
-            if not self._acks.wait_for(lambda: mid in self._subacks, timeout):
-                raise TransportError(f"no SUBACK within {timeout:.1f}s")
-            codes = self._subacks.pop(mid)
-        refused = [_describe(code) for code in codes if code.is_failure]
-        if refused:
-            raise TransportError(f"broker refused subscription: {', '.join(refused)}")
-
     def _schedule_reconnect(self, client: mqtt.Client) -> None:
         """Give paho the next jittered delay; paho's own doubling is bypassed (min == max).
 
@@ -325,15 +327,14 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            self._connect_error = _describe(reason_code)
+            self._connect_error = f"{self._config.url} refused the connection: {_describe(reason_code)}"
             self._connack.set()
             return
         self._backoff.reset()
         self._max_packet_size = getattr(properties, "MaximumPacketSize", None)  # MQTT 5 only
         with self._lock:
             subscriptions = list(self._subscriptions.items())
-        with self._acks:
-            self._subacks.clear()  # acks of the previous connection can no longer arrive
+        self._acks.forget_subacks()
         if subscriptions:
             _, mid = client.subscribe(subscriptions)
             self._resubscribe_mid = mid
@@ -351,6 +352,12 @@ class MqttTransport:
     ) -> None:
         if flags.is_disconnect_packet_from_server:
             self._last_disconnect = _describe(reason_code)
+        refusal = self._secrets.tls_refusal(self._config.host, self._config.port)
+        if refusal is not None and self._protocol_in_use is None:  # start() awaits a CONNACK that won't come
+            client.disconnect()  # and gives up: no reconnect attempt (paho would sleep before it)
+            self._connect_error = refusal
+            self._connack.set()
+            return
         if not self._closed:
             _log.warning(
                 "mqtt %s lost its connection (%s); reconnecting", self._config.client_id, _describe(reason_code)
@@ -368,21 +375,15 @@ class MqttTransport:
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
     ) -> None:
-        with self._acks:
-            self._subacks[mid] = list(reason_codes)
-            self._acks.notify_all()
         refused = [_describe(code) for code in reason_codes if code.is_failure]
+        self._acks.suback(mid, refused)
         if refused and mid == self._resubscribe_mid and self._protocol_in_use is not None:  # nobody awaits it
             _log.warning("mqtt %s: broker refused resubscription: %s", self._config.client_id, ", ".join(refused))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, props: Any) -> None:
-        """Record PUBACK failures for ``publish``, which reads them after this returns (paho marks a
-        message published only then). A success clears a stale entry of a reused mid."""
-        with self._acks:
-            if reason_code.is_failure:
-                self._publish_failures[mid] = _describe(reason_code)
-            else:
-                self._publish_failures.pop(mid, None)
+        """Record the PUBACK for ``publish``, which reads it after this returns (paho marks a message
+        published only then)."""
+        self._acks.puback(mid, _describe(reason_code) if reason_code.is_failure else None)
 
 
 def _properties(packet_type: int, **values: int | None) -> Properties | None:

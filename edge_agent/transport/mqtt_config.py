@@ -2,16 +2,21 @@
 
 ``mqtt.py`` is the transport and the only module in fedflock that imports paho; this module
 holds what it needs to decide and compute, not to talk, so it can be read and tested alone
-(``mqtt.py`` re-exports :class:`MqttConfig`, :func:`parse_mqtt_url` and :func:`reconnect_delay`):
+(``mqtt.py`` re-exports :class:`MqttConfig`, :class:`TlsConfig`, :func:`parse_broker_url`,
+:func:`parse_mqtt_url` and :func:`reconnect_delay`):
 
-* :class:`MqttConfig` and its validation, :func:`parse_mqtt_url`, :func:`reconnect_delay` and
-  :class:`Backoff`, and :func:`forward_paho_log` (paho's log callback; it needs no paho import);
+* :class:`MqttConfig` and its validation, :func:`parse_broker_url` (``mqtt://`` and ``mqtts://``)
+  and :func:`parse_mqtt_url` (plain ``mqtt://`` only), :func:`reconnect_delay` and :class:`Backoff`,
+  and :func:`forward_paho_log` (paho's log callback; it needs no paho import);
+* TLS settings and credential files live in ``tls.py`` (:class:`~edge_agent.transport.tls.TlsConfig`);
 * the protocol setting (``"auto"``, ``"5"``, ``"3.1.1"``) and the CONNACK reason code by which
   ``"auto"`` recognises a broker that refuses MQTT 5 (the embedded amqtt broker speaks 3.1.1
   only and answers a bare MQTT 5 CONNECT with a 3.1.1 CONNACK "unacceptable protocol version");
 * the Message Expiry and Session Expiry Interval values sent as MQTT 5 properties;
 * the size of a PUBLISH packet, checked against the broker's Maximum Packet Size before sending,
-  because paho does not check it and a broker disconnects a client that exceeds it.
+  because paho does not check it and a broker disconnects a client that exceeds it;
+* :class:`Acks`: SUBACK and PUBACK outcomes handed from paho's network thread to the callers
+  waiting for them.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from edge_agent.errors import ConfigError, TransportError
 from edge_agent.transport.base import Will
 from edge_agent.transport.memory import validate_expiry
+from edge_agent.transport.tls import TlsConfig
 
 __all__ = [
     "MAX_FOUR_BYTE_INTEGER",
@@ -34,12 +42,15 @@ __all__ = [
     "PROTOCOL_V5",
     "PROTOCOL_V311",
     "UNSUPPORTED_PROTOCOL_VERSION",
+    "Acks",
     "Backoff",
+    "BrokerAddress",
     "MqttConfig",
     "check_packet_size",
     "describe_reason",
     "forward_paho_log",
     "message_expiry_interval",
+    "parse_broker_url",
     "parse_mqtt_url",
     "publish_packet_size",
     "reconnect_delay",
@@ -49,6 +60,8 @@ __all__ = [
 ]
 
 _DEFAULT_PORT = 1883
+_DEFAULT_TLS_PORT = 8883
+_SCHEMES = {"mqtt": False, "mqtts": True}  # scheme -> TLS
 _paho_log = logging.getLogger("edge_agent.transport.mqtt.paho")  # the name it had when mqtt.py logged it
 
 PROTOCOL_AUTO = "auto"
@@ -92,6 +105,30 @@ class MqttConfig:
     """``"auto"`` (MQTT 5, falling back to 3.1.1), ``"5"`` or ``"3.1.1"``."""
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = None
+    """Read by ``MqttTransport.start()`` instead of ``password`` (not both), so config files hold no
+    secret: the file's content minus its trailing newline. A world-readable file is logged as a warning."""
+    tls: TlsConfig | None = None
+    """``None``: plain TCP. :meth:`from_url` sets it for ``mqtts://`` URLs."""
+
+    @classmethod
+    def from_url(cls, url: str, *, tls: TlsConfig | None = None, **fields: Any) -> MqttConfig:
+        """A config for the broker at ``mqtt://host[:port]`` or ``mqtts://host[:port]``.
+
+        ``mqtts://`` without ``tls`` verifies the broker against the system CA store; ``mqtt://``
+        with ``tls`` is a :class:`ConfigError` (plain or TLS? the two disagree).
+        """
+        address = parse_broker_url(url)
+        if tls is not None and not address.tls:
+            raise ConfigError(f"mqtt url {url!r} is plain mqtt:// but a tls config was given: use mqtts://")
+        if address.tls and tls is None:
+            tls = TlsConfig()
+        return cls(host=address.host, port=address.port, tls=tls, **fields)
+
+    @property
+    def url(self) -> str:
+        """``mqtts://host:port`` or ``mqtt://host:port``, for messages."""
+        return BrokerAddress(self.host, self.port, self.tls is not None).url
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -104,25 +141,44 @@ class MqttConfig:
             raise ConfigError("keepalive must be >= 0 and timeouts > 0")
         if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay or self.reconnect_jitter < 0:
             raise ConfigError("need 0 < reconnect_min_delay <= reconnect_max_delay and reconnect_jitter >= 0")
-        if self.password is not None and self.username is None:
+        if (self.password is not None or self.password_file is not None) and self.username is None:
             raise ConfigError("an mqtt password needs a username")
+        if self.password is not None and self.password_file is not None:
+            raise ConfigError("give the mqtt password or its password_file, not both")
+        if self.password_file is not None and not isinstance(self.password_file, Path):
+            raise ConfigError(f"mqtt password_file must be a pathlib.Path, not {self.password_file!r}")
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise ConfigError(f"mqtt tls must be a TlsConfig or None, not {self.tls!r}")
         validate_protocol(self.protocol)
         validate_session_expiry(self.session_expiry_s, clean_session=self.clean_session)
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """Split ``mqtt://host[:port]`` into ``(host, port)``; anything else is a :class:`ConfigError`.
+class BrokerAddress(NamedTuple):
+    """Where a broker listens and whether it speaks TLS there (``mqtts://``)."""
 
-    Credentials and TLS are deliberately not accepted here: they belong in :class:`MqttConfig`,
-    not in a URL that ends up in logs.
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Split ``mqtt://host[:port]`` (port 1883) or ``mqtts://host[:port]`` (8883, TLS) into a :class:`BrokerAddress`.
+
+    Anything else is a :class:`ConfigError`. Credentials are deliberately not accepted here: they
+    belong in :class:`MqttConfig`, not in a URL that ends up in logs.
     """
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
         raise ConfigError(f"invalid mqtt url {url!r}: {exc}") from exc
-    if parts.scheme != "mqtt":
-        raise ConfigError(f"invalid mqtt url {url!r}: scheme must be 'mqtt'")
+    if parts.scheme not in _SCHEMES:
+        raise ConfigError(f"invalid mqtt url {url!r}: scheme must be 'mqtt' or 'mqtts'")
     if not parts.hostname:
         raise ConfigError(f"invalid mqtt url {url!r}: missing host")
     if parts.username is not None or parts.password is not None:
@@ -131,7 +187,23 @@ def parse_mqtt_url(url: str) -> tuple[str, int]:
         raise ConfigError(f"invalid mqtt url {url!r}: unexpected path, query or fragment")
     if port == 0:
         raise ConfigError(f"invalid mqtt url {url!r}: port 0")
-    return parts.hostname, _DEFAULT_PORT if port is None else port
+    tls = _SCHEMES[parts.scheme]
+    if port is None:
+        port = _DEFAULT_TLS_PORT if tls else _DEFAULT_PORT
+    return BrokerAddress(parts.hostname, port, tls)
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """Split a plain ``mqtt://host[:port]`` into ``(host, port)``; anything else is a :class:`ConfigError`.
+
+    ``mqtts://`` is refused: a ``(host, port)`` pair cannot say "TLS", and a caller that dropped it
+    would send its credentials in clear text. Use :func:`parse_broker_url` or
+    :meth:`MqttConfig.from_url` for URLs that may be either.
+    """
+    address = parse_broker_url(url)
+    if address.tls:
+        raise ConfigError(f"{url!r} is an mqtts:// url: use parse_broker_url() or MqttConfig.from_url() to keep TLS")
+    return address.host, address.port
 
 
 def reconnect_delay(attempt: int, *, min_delay: float, max_delay: float, jitter: float, rng: random.Random) -> float:
@@ -167,6 +239,50 @@ class Backoff:
     def reset(self) -> None:
         """After a successful connect the next outage starts from the shortest delay again."""
         self.attempt = 0
+
+
+class Acks:
+    """SUBACK and PUBACK outcomes, recorded on paho's network thread and awaited by callers.
+
+    Reason codes arrive already described (:func:`describe_reason`), so this needs no paho types.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._subacks: dict[int, list[str]] = {}  # mid -> refused reason codes (empty: all granted)
+        self._publish_failures: dict[int, str] = {}  # mid -> failure reason code of its PUBACK
+
+    def suback(self, mid: int, refused: list[str]) -> None:
+        with self._cond:
+            self._subacks[mid] = refused
+            self._cond.notify_all()
+
+    def forget_subacks(self) -> None:
+        """On a new connection: acks of the previous one can no longer arrive."""
+        with self._cond:
+            self._subacks.clear()
+
+    def await_suback(self, mid: int, timeout: float) -> None:
+        """Wait for the SUBACK of ``mid``; :class:`TransportError` on timeout or if it refused a filter."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: mid in self._subacks, timeout):
+                raise TransportError(f"no SUBACK within {timeout:.1f}s")
+            refused = self._subacks.pop(mid)
+        if refused:
+            raise TransportError(f"broker refused subscription: {', '.join(refused)}")
+
+    def puback(self, mid: int, failure: str | None) -> None:
+        """Record a PUBACK's failure reason; a success clears a stale entry of a reused mid."""
+        with self._cond:
+            if failure is not None:
+                self._publish_failures[mid] = failure
+            else:
+                self._publish_failures.pop(mid, None)
+
+    def publish_failure(self, mid: int) -> str | None:
+        """The failure reason of ``mid``'s PUBACK (read once, after paho marked it published)."""
+        with self._cond:
+            return self._publish_failures.pop(mid, None)
 
 
 def validate_protocol(protocol: str) -> None:
