@@ -15,6 +15,7 @@ Third-party errors (onnxruntime, paho, OS errors) are translated at the boundary
     │   └── IntegrityError       a file's sha256 does not match the manifest (or is missing)
     ├── TrainingError            onnxruntime failed or produced non-finite values
     ├── TransportError           the broker could not be reached or did not acknowledge
+    ├── StorageError             the device's on-disk state could not be read or written (full disk, corrupt db)
     └── ExportError              a PyTorch model could not be turned into a bundle
 """
 
@@ -65,6 +66,10 @@ class TrainingError(FedflockError):
 
 class TransportError(FedflockError):
     code = "transport_error"
+
+
+class StorageError(FedflockError):
+    code = "storage_error"
 
 
 class ExportError(FedflockError):

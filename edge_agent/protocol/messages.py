@@ -59,6 +59,11 @@ class StatusMessage:
     bundle_digest: str = ""
     num_examples: int = 0
     capabilities: dict[str, Any] = field(default_factory=dict)
+    #: optional: the device's last eligibility decision, ``{"eligible": bool, "phase": str,
+    #: "reasons": [{"code": str, "text": str}, ...]}`` (docs/protocol.md §3, STATUS)
+    eligibility: dict[str, Any] = field(default_factory=dict)
+    #: optional: the sensor snapshot behind it (edge_agent.device.state.DeviceState.as_dict)
+    device_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +203,10 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             "num_examples": message.num_examples,
             "capabilities": message.capabilities,
         }
+        if message.eligibility:  # optional fields: omitted when empty
+            header["eligibility"] = message.eligibility
+        if message.device_state:
+            header["device_state"] = message.device_state
         return STATUS, _base(message.device_id, -1, "") | header, None
     if isinstance(message, TaskMessage):
         header = {
@@ -292,6 +301,8 @@ def _decode_status(h: Header, payload: memoryview) -> StatusMessage:
         bundle_digest=h.str_field("bundle_digest"),
         num_examples=h.int_field("num_examples", minimum=0),
         capabilities=h.dict_field("capabilities"),
+        eligibility=h.dict_field("eligibility") if "eligibility" in h.raw else {},
+        device_state=h.dict_field("device_state") if "device_state" in h.raw else {},
     )
 
 

@@ -144,10 +144,13 @@ def test_agent_answers_a_redelivered_task_with_the_same_result(digits_bundle) ->
     agent.handle_payload(task)
     agent.handle_payload(task)
     first, second = listener.receive(2), listener.receive(2)
-    assert first is not None and second is not None and first.payload == second.payload
+    assert first is not None and second is not None
     assert agent.tasks_done == 1
-    update = decode_message(first.payload)
+    update, again = decode_message(first.payload), decode_message(second.payload)
     assert isinstance(update, UpdateMessage) and update.num_examples == len(devices[0])
+    # the stored result, not a retrained one, sent as a new attempt (same task: counted once)
+    assert isinstance(again, UpdateMessage) and again.payload == update.payload
+    assert (update.attempt, again.attempt) == (1, 2)
 
 
 def test_agent_reports_a_bundle_mismatch_as_an_error(digits_bundle) -> None:
