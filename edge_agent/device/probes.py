@@ -174,7 +174,12 @@ class SystemProbes:
     def disk_free_bytes(self) -> int | None:
         if self._state_dir is None:
             return None
-        return int(self._ps.disk_usage(str(self._state_dir)).free)
+        # the state directory may not exist yet (before the first start): its filesystem is the
+        # one of its nearest existing ancestor
+        path = self._state_dir
+        while not path.exists() and path.parent != path:
+            path = path.parent
+        return int(self._ps.disk_usage(str(path)).free)
 
     def network(self) -> NetworkState:
         return self._network.read()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from edge_agent.errors import BundleError
 from edge_agent.protocol.manifest import ROLE_OPTIMIZER_STATE, Manifest, load_manifest
 from edge_agent.protocol.tensors import read_tensor_file
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Tensors = dict[str, np.ndarray]
 
@@ -42,6 +45,8 @@ class Bundle:
         }
 
     def session(self, graph: str, *, threads: int = 1) -> ort.InferenceSession:
+        import onnxruntime as ort  # here, not at import time: an idle agent never loads it
+
         spec = self.manifest.graphs[graph]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

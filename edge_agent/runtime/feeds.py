@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from edge_agent.errors import ContractViolation, TrainingError
 from edge_agent.protocol.manifest import GraphSpec, Manifest
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Tensors = dict[str, np.ndarray]
 HyperValue = float | Sequence[float]

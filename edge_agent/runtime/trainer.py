@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from edge_agent.errors import BundleError, TrainingError
 from edge_agent.protocol.manifest import FINITE_OUTPUT, LOSS_SCALE_INPUT
@@ -42,6 +42,9 @@ from edge_agent.runtime.feeds import (
 from edge_agent.runtime.loss_scale import DynamicLossScaler
 from edge_agent.runtime.train_loop import StepContext, TrainRun, batch_slices, total_steps
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 __all__ = ["EvalResult", "OrtTrainer", "StepCallback", "StopCheck", "TrainResult", "batch_slices"]
 
 #: Called after every step with (steps done, total steps, running mean loss).
@@ -61,6 +64,16 @@ class TrainResult:
     skipped_steps: int = 0
     #: fp16 bundles: the dynamic loss scale after the last step
     loss_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """A trainer's onnxruntime sessions (micro-batching adds ``accumulate`` and ``apply``)."""
+
+    train: GraphRunner
+    infer: ort.InferenceSession
+    accumulate: GraphRunner | None = None
+    apply: GraphRunner | None = None
 
 
 @dataclass(frozen=True)
@@ -84,28 +97,19 @@ class OrtTrainer:
     def __init__(
         self,
         bundle: Bundle,
-        train_session: ort.InferenceSession,
-        inference_session: ort.InferenceSession,
+        open_sessions: Callable[[], Sessions],
         *,
-        accumulate_session: ort.InferenceSession | None = None,
-        apply_session: ort.InferenceSession | None = None,
-        micro_batch: int | None = None,
+        micro_batch: int = 0,
         loss_scaler: DynamicLossScaler | None = None,
     ) -> None:
         self.bundle = bundle
-        self._train = train_session
-        self._infer = inference_session
+        self._open_sessions = open_sessions
+        self._sessions: Sessions | None = None
         manifest = bundle.manifest
-        self._train_runner = GraphRunner(train_session, manifest.graphs["train_step"])
         self._infer_spec = manifest.graphs["inference"]
         self._model_names = [t.name for t in manifest.model_tensors]
         self._state_names = [t.name for t in manifest.tensors]
-        self._accumulate = self._apply = None
-        self.micro_batch = 0
-        if accumulate_session is not None and apply_session is not None and micro_batch:
-            self._accumulate = GraphRunner(accumulate_session, manifest.graphs["accumulate"])
-            self._apply = GraphRunner(apply_session, manifest.graphs["apply"])
-            self.micro_batch = micro_batch
+        self.micro_batch = micro_batch or 0
         self.loss_scaler: DynamicLossScaler | None = None
         if manifest.precision == "fp16":
             self.loss_scaler = loss_scaler or DynamicLossScaler.initial()
@@ -118,19 +122,38 @@ class OrtTrainer:
         threads: int = 1,
         micro_batch: int | None = None,
         loss_scaler: DynamicLossScaler | None = None,
+        lazy: bool = False,
     ) -> OrtTrainer:
+        """A trainer for ``bundle``. ``lazy`` creates the onnxruntime sessions (and imports
+        onnxruntime) at the first train/evaluate call instead of now: an idle agent then holds
+        ~30 MB less (benchmarks/agent.py), at the price of finding a broken graph file only then."""
         manifest = bundle.manifest
         size = manifest.micro_batch if micro_batch is None else micro_batch
-        extra = {}
-        if size:
-            if "accumulate" not in manifest.graphs:
-                raise BundleError("micro-batching needs a bundle exported with micro_batch (no accumulate graph)")
-            extra = {
-                "accumulate_session": bundle.session("accumulate", threads=threads),
-                "apply_session": bundle.session("apply", threads=threads),
-            }
-        train, infer = bundle.session("train_step", threads=threads), bundle.session("inference", threads=threads)
-        return cls(bundle, train, infer, micro_batch=size, loss_scaler=loss_scaler, **extra)
+        if size and "accumulate" not in manifest.graphs:
+            raise BundleError("micro-batching needs a bundle exported with micro_batch (no accumulate graph)")
+
+        def open_sessions() -> Sessions:
+            graphs = manifest.graphs
+            accumulate = apply = None
+            if size:
+                accumulate = GraphRunner(bundle.session("accumulate", threads=threads), graphs["accumulate"])
+                apply = GraphRunner(bundle.session("apply", threads=threads), graphs["apply"])
+            train = GraphRunner(bundle.session("train_step", threads=threads), graphs["train_step"])
+            return Sessions(train, bundle.session("inference", threads=threads), accumulate, apply)
+
+        trainer = cls(bundle, open_sessions, micro_batch=size or 0, loss_scaler=loss_scaler)
+        if not lazy:
+            trainer.load()
+        return trainer
+
+    def load(self) -> None:
+        """Create the onnxruntime sessions now (a lazy trainer does it at its first use)."""
+        self._runners()
+
+    def _runners(self) -> Sessions:
+        if self._sessions is None:
+            self._sessions = self._open_sessions()
+        return self._sessions
 
     def train(
         self,
@@ -249,7 +272,7 @@ class OrtTrainer:
         scaler = self.loss_scaler
         if scaler is not None:
             fixed[LOSS_SCALE_INPUT] = np.array(scaler.scale, dtype=np.float32)
-        out, new_state, _ = self._train_runner.run(
+        out, new_state, _ = self._runners().train.run(
             fixed, tensors=state, hyper=context.hyper, globals_=context.globals_, masks=context.masks
         )
         if scaler is not None:
@@ -269,18 +292,20 @@ class OrtTrainer:
     def _accumulated_step(
         self, state: Tensors, x: np.ndarray, y: np.ndarray, index: np.ndarray, context: StepContext
     ) -> tuple[float, int]:
-        assert self._accumulate is not None and self._apply is not None
+        runners = self._runners()
+        assert runners.accumulate is not None and runners.apply is not None
         parts = micro_slices(index, self.micro_batch)
         scales = accumulation_scales(self.bundle.manifest, y, parts, context.hyper)
-        sums = {name: np.zeros_like(state[name]) for name in self._accumulate.spec.accumulator_inputs}
+        sums = {name: np.zeros_like(state[name]) for name in runners.accumulate.spec.accumulator_inputs}
         loss, correct = 0.0, 0
         for part, scale in zip(parts, scales, strict=True):
             fixed = context.fixed(x[part], y[part]) | {"scale": np.array(scale, dtype=np.float32)}
-            out, new_buffers, sums = self._accumulate.run(fixed, tensors=state, hyper=context.hyper, accumulators=sums)
+            accumulate = runners.accumulate
+            out, new_buffers, sums = accumulate.run(fixed, tensors=state, hyper=context.hyper, accumulators=sums)
             loss += scale * _finite_loss(out["loss"])
             correct += int(out["correct"])
             state.update(new_buffers)
-        _, new_state, _ = self._apply.run(
+        _, new_state, _ = runners.apply.run(
             context.fixed(None, None),
             tensors=state,
             hyper=context.hyper,
@@ -300,7 +325,7 @@ class OrtTrainer:
             feeds = dict(fixed)
             feeds[spec.inputs["x"]] = x[start : start + batch_size]
             try:
-                chunks.append(self._infer.run([spec.outputs["logits"]], feeds)[0])
+                chunks.append(self._runners().infer.run([spec.outputs["logits"]], feeds)[0])
             except Exception as exc:  # see _step
                 raise TrainingError(f"inference failed in onnxruntime: {exc}") from exc
         return np.concatenate(chunks) if chunks else np.zeros((0, self.bundle.manifest.num_classes), np.float32)

@@ -172,7 +172,11 @@ def test_memory_and_disk_come_from_psutil(tmp_path: Path) -> None:
     memory = probes.memory()
     assert (memory.available_bytes, memory.total_bytes) == (3 * 2**30, 4 * 2**30)
     assert probes.disk_free_bytes() == 10 * 2**30
-    assert ps.disk_paths == [str(tmp_path / "state")]
+    # the state directory does not exist yet: its nearest existing ancestor's filesystem is asked
+    assert ps.disk_paths == [str(tmp_path)]
+    (tmp_path / "state").mkdir()
+    probes.disk_free_bytes()
+    assert ps.disk_paths[-1] == str(tmp_path / "state")
 
 
 def test_disk_is_unknown_without_a_state_dir(tmp_path: Path) -> None:
