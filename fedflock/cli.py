@@ -53,10 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="fp16: fp16 compute, fp32 master weights, dynamic loss scaling on the device",
     )
 
-    agent = sub.add_parser("agent", help="run the device agent")
-    agent.add_argument("--bundle", type=Path, required=True, help="training bundle directory")
-    agent.add_argument("--data", type=Path, required=True, help=".npz file with arrays x and y")
-    agent.add_argument("--device-id", required=True)
+    agent = sub.add_parser(
+        "agent",
+        help="run the device agent (or show its state: fedflock agent status --config agent.toml)",
+        description="Run a device agent from its config file (--config; docs/agent.md), or from flags "
+        "(--bundle --data --device-id: a quick start with no sensors or policy).",
+    )
+    agent.add_argument("action", nargs="?", choices=("run", "status"), default="run")
+    agent.add_argument("--config", type=Path, default=None, help="agent.toml (device id, broker, data, policy, ...)")
+    agent.add_argument("--json", action="store_true", help="status: print JSON")
+    agent.add_argument("--bundle", type=Path, default=None, help="training bundle directory")
+    agent.add_argument("--data", type=Path, default=None, help=".npz file with arrays x and y")
+    agent.add_argument("--device-id", default=None)
     agent.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
     agent.add_argument("--topic-prefix", default="fedflock/v1")
     agent.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -153,6 +161,21 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    from fedflock import agent_cli
+
+    if args.config is not None:
+        agent_cli.check_no_legacy_flags(args)
+        if args.action == "status":
+            return agent_cli.agent_status(args.config, as_json=args.json)
+        return agent_cli.run_agent_from_config(args.config, _stop_on_signals())
+    if args.action == "status":
+        raise ConfigError("fedflock agent status needs --config agent.toml")
+    if args.bundle is None or args.data is None or args.device_id is None:
+        raise ConfigError("fedflock agent needs --config agent.toml, or all of --bundle, --data and --device-id")
+    return _run_agent_from_flags(args)
+
+
+def _run_agent_from_flags(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent, AgentConfig
     from edge_agent.codecs import DEFAULT_PREFERENCES
     from edge_agent.data import load_npz
@@ -183,7 +206,7 @@ def run_agent(args: argparse.Namespace) -> int:
     transport = device_transport(
         args.mqtt_url, args.device_id, bundle_digest=bundle.digest, num_examples=len(data), topics=topics
     )
-    trainer = OrtTrainer.open(bundle, threads=args.threads, micro_batch=args.micro_batch)
+    trainer = OrtTrainer.open(bundle, threads=args.threads, micro_batch=args.micro_batch, lazy=True)
     trainer.check_data(data.x, data.y)  # fail now, not at the first task
     network = args.network
     agent = Agent(config, transport, trainer, data, network=lambda: network)

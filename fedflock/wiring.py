@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from edge_agent.agent import offline_will, online_birth
+from edge_agent.config import AgentFileConfig
 from edge_agent.protocol.topics import Topics
-from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url
+from edge_agent.transport.mqtt import MqttConfig, MqttTransport, TlsConfig, parse_mqtt_url
 
 
 def device_transport(
@@ -26,3 +27,24 @@ def device_transport(
 def server_transport(url: str, client_id: str) -> MqttTransport:
     host, port = parse_mqtt_url(url)
     return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id))
+
+
+def configured_device_transport(config: AgentFileConfig, *, bundle_digest: str, num_examples: int) -> MqttTransport:
+    """A device's transport from its config file: TLS when the url is mqtts:// or TLS files are given."""
+    mqtt = config.mqtt
+    topics = Topics(mqtt.topic_prefix)
+    tls = None
+    if mqtt.ca_file is not None or mqtt.cert_file is not None:
+        tls = TlsConfig(ca_file=mqtt.ca_file, cert_file=mqtt.cert_file, key_file=mqtt.key_file)
+    return MqttTransport(
+        MqttConfig.from_url(
+            mqtt.url,
+            tls=tls,
+            client_id=config.device_id,
+            username=mqtt.username,
+            password_file=mqtt.password_file,
+            protocol=mqtt.protocol,
+            will=offline_will(config.device_id, topics),
+            birth=online_birth(config.device_id, bundle_digest, num_examples, topics),
+        )
+    )
