@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent.protocol.messages import StatusMessage
 
@@ -15,6 +16,14 @@ class DeviceRecord:
     num_examples: int
     agent_version: str
     last_seen: float
+    #: the device's last eligibility decision as it reported it (STATUS ``eligibility``; {} = none)
+    eligibility: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def declines(self) -> bool:
+        """The device said it cannot train now (a reported, not eligible train/continue decision;
+        a device that may not *upload* yet can still train and upload later)."""
+        return self.eligibility.get("eligible") is False and self.eligibility.get("phase") in ("train", "continue")
 
 
 class DeviceRegistry:
@@ -29,11 +38,17 @@ class DeviceRegistry:
             num_examples=status.num_examples,
             agent_version=status.agent_version,
             last_seen=now,
+            eligibility=dict(status.eligibility),
         )
 
     def eligible(self, bundle_digest: str) -> list[str]:
-        """Online devices that hold the bundle the server trains, sorted for reproducible sampling."""
-        return sorted(d.device_id for d in self._devices.values() if d.online and d.bundle_digest == bundle_digest)
+        """Online devices that hold the bundle the server trains and have not reported that they
+        cannot train now (their STATUS eligibility), sorted for reproducible sampling."""
+        return sorted(
+            d.device_id
+            for d in self._devices.values()
+            if d.online and d.bundle_digest == bundle_digest and not d.declines
+        )
 
     def get(self, device_id: str) -> DeviceRecord | None:
         return self._devices.get(device_id)

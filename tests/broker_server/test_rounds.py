@@ -103,3 +103,26 @@ def test_codec_must_be_offered_and_match_the_payload() -> None:
     )
     assert s.accept_update(good)
     np.testing.assert_allclose(s.mean.result()["w"], [1.0, 1.0])
+
+
+def test_registry_leaves_out_devices_that_reported_they_cannot_train() -> None:
+    from broker_server.registry import DeviceRegistry
+    from edge_agent.protocol.messages import StatusMessage
+
+    def status(device_id: str, eligibility: dict[str, object]) -> StatusMessage:
+        return StatusMessage(
+            device_id=device_id, online=True, bundle_digest="b" * 64, num_examples=5, eligibility=eligibility
+        )
+
+    registry = DeviceRegistry()
+    low = {"eligible": False, "phase": "train", "reasons": [{"code": "battery_low", "text": "battery 23% < 60%"}]}
+    metered = {"eligible": False, "phase": "upload", "reasons": [{"code": "network_metered", "text": "metered"}]}
+    registry.observe(status("a", {}), 0.0)
+    registry.observe(status("b", low), 0.0)
+    registry.observe(status("c", metered), 0.0)
+    registry.observe(status("d", {"eligible": True, "phase": "train", "reasons": []}), 0.0)
+    assert registry.eligible("b" * 64) == ["a", "c", "d"]
+    record = registry.get("b")
+    assert record is not None and record.declines and record.eligibility["reasons"][0]["code"] == "battery_low"
+    registry.observe(status("b", {"eligible": True, "phase": "train", "reasons": []}), 1.0)  # charger plugged in
+    assert registry.eligible("b" * 64) == ["a", "b", "c", "d"]
