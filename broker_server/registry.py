@@ -31,6 +31,11 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceRecord] = {}
 
     def observe(self, status: StatusMessage, now: float) -> None:
+        # selection needs the train decision: an upload/download one keeps the last train one
+        eligibility = dict(status.eligibility)
+        if eligibility.get("phase") not in (None, "train", "continue"):
+            previous = self._devices.get(status.device_id)
+            eligibility = previous.eligibility if previous is not None else {}
         self._devices[status.device_id] = DeviceRecord(
             device_id=status.device_id,
             online=status.online,
@@ -38,7 +43,7 @@ class DeviceRegistry:
             num_examples=status.num_examples,
             agent_version=status.agent_version,
             last_seen=now,
-            eligibility=dict(status.eligibility),
+            eligibility=eligibility,
         )
 
     def eligible(self, bundle_digest: str) -> list[str]:

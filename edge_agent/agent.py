@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import __version__
-from edge_agent.codecs import CODEC_NAMES, DEFAULT_PREFERENCES, CodecSpec
+from edge_agent.codecs import DEFAULT_PREFERENCES, CodecSpec
 from edge_agent.data import Dataset
 from edge_agent.device.eligibility import Decision
 from edge_agent.device.monitor import Monitor
@@ -27,13 +26,12 @@ from edge_agent.device.policy import Policy
 from edge_agent.device.state import DeviceState
 from edge_agent.errors import ConfigError, FedflockError, ProtocolError
 from edge_agent.gate import Gate, StaticMonitor, throttle, working_set
+from edge_agent.presence import status_message
 from edge_agent.protocol.messages import (
-    FORMAT_VERSION,
     MIN_CHUNK_BYTES,
     ChunkAck,
     ChunkMessage,
     ErrorMessage,
-    StatusMessage,
     TaskMessage,
     UpdateMessage,
     decode_message,
@@ -46,15 +44,15 @@ from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.store import DeviceStore, InboxTask, StoreConfig
 from edge_agent.task_runner import CheckpointShelf, TaskRunner
 from edge_agent.transfer import TransferLink
-from edge_agent.transport.base import Transport, Will
+from edge_agent.transport.base import Transport
 from edge_agent.uploads import Uploader
 
 log = logging.getLogger("fedflock.agent")
 
-#: What this agent speaks, announced in STATUS (docs/protocol.md §9)
-CAPABILITIES = {"protocol": [FORMAT_VERSION], "codecs": list(CODEC_NAMES)}
 #: How often expired tasks/results and old history are purged from the store
 PURGE_INTERVAL_S = 300.0
+#: How often an agent without tasks re-checks (and, if changed, reports) whether it could train
+IDLE_CHECK_S = 10.0
 #: How long one chunked upload may wait for the server's acknowledgements before it is retried
 UPLOAD_TIMEOUT_S = 120.0
 
@@ -95,25 +93,6 @@ class AgentConfig:
                     raise ConfigError(f"codec preference for {network!r}: {exc.reason}") from exc
 
 
-def offline_will(device_id: str, topics: Topics = Topics()) -> Will:
-    """The retained status the broker publishes if the device vanishes."""
-    payload = encode_message(StatusMessage(device_id=device_id, online=False, agent_version=__version__))
-    return Will(topic=topics.status(device_id), payload=payload, qos=1, retain=True)
-
-
-def online_birth(device_id: str, bundle_digest: str, num_examples: int, topics: Topics = Topics()) -> Will:
-    """The retained status to publish on every (re)connect (MQTT transports' ``birth``)."""
-    status = StatusMessage(
-        device_id=device_id,
-        online=True,
-        agent_version=__version__,
-        bundle_digest=bundle_digest,
-        num_examples=num_examples,
-        capabilities=CAPABILITIES,
-    )
-    return Will(topic=topics.status(device_id), payload=encode_message(status), qos=1, retain=True)
-
-
 class Agent:
     """A device: receives tasks into its inbox, trains when the device can afford it, forwards results.
 
@@ -138,6 +117,7 @@ class Agent:
         store: DeviceStore | None = None,
         local_now: Callable[[], datetime] = datetime.now,
         sleep: Callable[[float], None] = time.sleep,
+        validation: Dataset | None = None,
     ) -> None:
         """``network`` reports the active link type when there is no ``monitor``."""
         self.config = config
@@ -154,6 +134,7 @@ class Agent:
             state_dir=config.state_dir,
             codec_preferences=config.codec_preferences,
             error_feedback=config.error_feedback,
+            validation=validation,
         )
         self.gate = Gate(
             monitor or StaticMonitor(network or (lambda: "unknown"), wall_clock),
@@ -169,7 +150,10 @@ class Agent:
         self._link = TransferLink(transport, clock=clock)
         #: envelopes that arrived while an upload waited for its acknowledgements
         self._deferred: deque[bytes] = deque()
-        self._reported: tuple[bool, tuple[str, ...]] | None = None
+        #: last eligibility published per phase group ("train" covers "continue")
+        self._reported: dict[str, tuple[bool, tuple[str, ...]]] = {}
+        self._last_idle_check = -math.inf
+        self._stop: threading.Event | None = None
         #: TASK max_chunk_bytes by task id (a restarted agent falls back to config.chunk_bytes)
         self._chunk_limits: dict[str, int] = {}
         self._last_purge = -math.inf
@@ -213,23 +197,24 @@ class Agent:
             self._store.close()
 
     def _publish_status(self, *, online: bool, decision: Decision | None = None) -> None:
-        state = self.gate.state() if decision is not None else None
-        status = StatusMessage(
-            device_id=self.config.device_id,
+        status = status_message(
+            self.config.device_id,
             online=online,
-            agent_version=__version__,
             bundle_digest=self.runner.trainer.bundle.digest,
             num_examples=len(self.runner.data),
-            capabilities=CAPABILITIES if online else {},
-            eligibility=decision.as_dict() if decision is not None else {},
-            device_state=state.as_dict() if state is not None else {},
+            decision=decision,
+            state=self.gate.state() if decision is not None else None,
         )
         self._transport.publish(
             self.config.topics.status(self.config.device_id), encode_message(status), qos=1, retain=True
         )
 
     def run(self, stop: threading.Event | None = None, *, poll_s: float = 0.5) -> None:
-        """Serve tasks until ``stop`` is set or ``max_tasks`` tasks are done."""
+        """Serve tasks until ``stop`` is set or ``max_tasks`` tasks are done.
+
+        Setting ``stop`` during training pauses it at the next step boundary with a checkpoint,
+        so a restarted agent continues the task instead of starting it over."""
+        self._stop = stop
         limit = self.config.max_tasks
         while (stop is None or not stop.is_set()) and (limit is None or self.tasks_done < limit):
             self._link.poll()
@@ -279,9 +264,15 @@ class Agent:
         state = self.gate.state()
         self._upload_due(state, now)
         pending = self.store.pending_tasks(now)
+        self._checkpoints.prune({task.task_id for task in pending})
         if pending:
             self._train(pending[0], state)
             self._upload_due(self.gate.state(), self._wall_clock())
+        elif self._clock() - self._last_idle_check >= IDLE_CHECK_S:
+            # keep the server's view current while no task is waiting: a device that reported
+            # "cannot train" is not selected until it reports otherwise
+            self._last_idle_check = self._clock()
+            self._report(self.gate.check("train", state, working_set_bytes=self._work.at(2)))
 
     def _upload_due(self, state: DeviceState, now: float) -> None:
         uploader = self._upload_queue()
@@ -305,7 +296,7 @@ class Agent:
             return
         if task.max_chunk_bytes:
             self._chunk_limits[task.task_id] = task.max_chunk_bytes
-        resume = self._checkpoints.load(task.task_id)
+        resume, batch = self._checkpoints.resume(task.task_id, batch)
         try:
             message = self.runner.execute(
                 task,
@@ -328,7 +319,7 @@ class Agent:
         """Asked at every step boundary: stop when a condition is lost or the deadline passed."""
 
         def should_stop() -> bool:
-            if self._wall_clock() >= stored.expires_at:
+            if self._wall_clock() >= stored.expires_at or (self._stop is not None and self._stop.is_set()):
                 return True
             decision = self.gate.check("continue", self.gate.state(), working_set_bytes=0)
             if not decision.eligible:
@@ -348,10 +339,10 @@ class Agent:
 
     def _report(self, decision: Decision) -> None:
         """Publish the eligibility decision in STATUS when it changed (reasons go to the server)."""
-        key = (decision.eligible, decision.codes)
-        if key == self._reported:
+        key, group = (decision.eligible, decision.codes), "train" if decision.phase == "continue" else decision.phase
+        if self._reported.get(group) == key:
             return
-        self._reported = key
+        self._reported[group] = key
         if not decision.eligible:
             log.info("%s: %s: %s", self.config.device_id, decision.phase, decision)
         try:

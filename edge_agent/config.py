@@ -16,6 +16,7 @@ relative to the config file. Example (also :data:`AGENT_CONFIG_EXAMPLE`, which a
     cert_file = "/etc/fedflock/device.pem"    # mutual TLS (both or neither)
     key_file = "/etc/fedflock/device.key"
     topic_prefix = "fedflock/v1"
+    protocol = "auto"                         # "auto" (MQTT 5, else 3.1.1), "5" or "3.1.1"
 
     [data]                           # edge_agent.datasources.parse_data_config
     kind = "csv"
@@ -27,8 +28,9 @@ relative to the config file. Example (also :data:`AGENT_CONFIG_EXAMPLE`, which a
 
     [network]                        # interface name or glob -> billed by volume
     metered = { "wwan*" = true, "usb0" = true }
+    use_nmcli = true                 # no entry matches: ask NetworkManager (nmcli)
 
-    [codecs]                         # network kind -> update codecs to prefer on it
+    [codecs]                         # ethernet|wifi|cellular|none|unknown -> update codecs to prefer
     cellular = ["topk-int8:0.01", "int4"]
 
     [agent]
@@ -36,12 +38,13 @@ relative to the config file. Example (also :data:`AGENT_CONFIG_EXAMPLE`, which a
     result_ttl_hours = 72            # an undelivered result older than this is dropped (logged)
     retention_days = 7               # delivered results and participation history
     chunk_kib = 256                  # uploads larger than this travel as acknowledged chunks
-    error_feedback = true
-    seed = 0
+    error_feedback = true            # carry what a lossy codec dropped into the next update
+    seed = 0                         # randomness: batch order, codec rounding, retry jitter
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,8 +55,11 @@ from edge_agent.codecs import DEFAULT_PREFERENCES
 from edge_agent.datasources import DataConfig, parse_data_config
 from edge_agent.device.network import NetworkConfig
 from edge_agent.device.policy import Policy, parse_policy
+from edge_agent.device.state import NETWORK_KINDS
 from edge_agent.errors import ConfigError
+from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import DEFAULT_PREFIX, validate_device_id
+from edge_agent.transport.mqtt_config import parse_broker_url, validate_protocol
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -121,6 +127,8 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
     except ConfigError as exc:
         raise ConfigError(f"device_id: {exc.reason}") from exc
     device_class = _str(table, "device_class", "default")
+    if not device_class:
+        raise ConfigError("device_class: expected a non-empty string")
     if "data" not in table:
         raise ConfigError("[data]: missing (where this device's training data lives)")
     agent = _table(table, "agent")
@@ -129,6 +137,12 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
     retention_s = _positive(agent, "retention_days", 7.0, "agent.") * 86400.0
     if policy.budget is not None:  # the history must cover the budget's window
         retention_s = max(retention_s, policy.budget.period_s)
+    chunk_bytes = int(_positive(agent, "chunk_kib", 256, "agent.") * 1024)
+    if chunk_bytes < MIN_CHUNK_BYTES:
+        raise ConfigError(f"agent.chunk_kib: must be >= {MIN_CHUNK_BYTES / 1024:g}, got {agent['chunk_kib']!r}")
+    seed = agent.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"agent.seed: expected an integer >= 0, got {seed!r}")
     return AgentFileConfig(
         path=path,
         device_id=device_id,
@@ -143,16 +157,16 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
         monitor_interval_s=_positive(agent, "monitor_interval_s", 30.0, "agent."),
         result_ttl_s=_positive(agent, "result_ttl_hours", 72.0, "agent.") * 3600.0,
         retention_s=retention_s,
-        chunk_bytes=int(_positive(agent, "chunk_kib", 256, "agent.") * 1024),
+        chunk_bytes=chunk_bytes,
         error_feedback=_bool(agent, "error_feedback", True, "agent."),
-        seed=int(_number(agent, "seed", 0, "agent.")),
+        seed=seed,
     )
 
 
 def _mqtt(table: Mapping[str, Any], base: Path) -> MqttSettings:
-    _no_unknown(table, _MQTT_KEYS, "mqtt.")
-    if "password" in table:
+    if "password" in table:  # before the unknown-key check, which would not say what to do instead
         raise ConfigError("mqtt.password: put the password in a file and give mqtt.password_file")
+    _no_unknown(table, _MQTT_KEYS, "mqtt.")
     settings = MqttSettings(
         url=_str(table, "url", MqttSettings.url, "mqtt."),
         username=_str(table, "username", None, "mqtt."),
@@ -167,6 +181,16 @@ def _mqtt(table: Mapping[str, Any], base: Path) -> MqttSettings:
         raise ConfigError("mqtt.cert_file and mqtt.key_file go together (mutual TLS)")
     if settings.password_file is not None and settings.username is None:
         raise ConfigError("mqtt.password_file needs mqtt.username")
+    try:
+        address = parse_broker_url(settings.url)
+    except ConfigError as exc:
+        raise ConfigError(f"mqtt.url: {exc.reason}") from exc
+    try:
+        validate_protocol(settings.protocol)
+    except ConfigError as exc:
+        raise ConfigError(f"mqtt.protocol: {exc.reason}") from exc
+    if not address.tls and (settings.ca_file is not None or settings.cert_file is not None):
+        raise ConfigError(f"mqtt.url: {settings.url!r} is plain mqtt:// but TLS files are given: use mqtts://")
     return settings
 
 
@@ -184,6 +208,8 @@ def _codecs(table: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
 
     preferences = dict(DEFAULT_PREFERENCES)
     for network, names in table.items():
+        if network not in NETWORK_KINDS:
+            raise ConfigError(f"codecs.{network}: unknown network kind (known: {', '.join(NETWORK_KINDS)})")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise ConfigError(f"codecs.{network}: expected a non-empty list of codec names")
         for name in names:
@@ -241,8 +267,8 @@ def _number(table: Mapping[str, Any], key: str, default: float, prefix: str) -> 
 
 def _positive(table: Mapping[str, Any], key: str, default: float, prefix: str) -> float:
     value = _number(table, key, default, prefix)
-    if not value > 0:
-        raise ConfigError(f"{prefix}{key}: must be > 0, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{prefix}{key}: must be a finite number > 0, got {value!r}")
     return value
 
 

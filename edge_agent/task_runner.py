@@ -6,9 +6,11 @@ when to run it (eligibility) and what to do with the result (store, upload).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +28,20 @@ from edge_agent.data import Dataset
 from edge_agent.errors import FedflockError, ProtocolError, StorageError
 from edge_agent.protocol.messages import ErrorMessage, TaskMessage, UpdateMessage
 from edge_agent.runtime.bundle import check_tensors
-from edge_agent.runtime.checkpoint import TrainCheckpoint, TrainingPaused, load_checkpoint, save_checkpoint
+from edge_agent.runtime.checkpoint import (
+    CheckpointMismatch,
+    TrainCheckpoint,
+    TrainingPaused,
+    load_checkpoint,
+    save_checkpoint,
+)
 from edge_agent.runtime.personal import PersonalStore
 from edge_agent.runtime.trainer import OrtTrainer, StepCallback
 
 log = logging.getLogger("fedflock.agent")
+
+#: task ids used as checkpoint file names as they are (others are hashed): no dots, no separators
+_SAFE_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class TaskRunner:
@@ -46,9 +57,12 @@ class TaskRunner:
         state_dir: Path | None,
         codec_preferences: Mapping[str, tuple[str, ...]],
         error_feedback: bool,
+        validation: Dataset | None = None,
     ) -> None:
         self.trainer = trainer
         self.data = data
+        #: held-out local examples for the ``local_eval_*`` metrics (the training data without one)
+        self.validation = validation if validation is not None and len(validation) else None
         self._rng = rng
         self._clock = clock
         self._preferences = codec_preferences
@@ -72,7 +86,9 @@ class TaskRunner:
 
         :class:`TrainingPaused` (``should_stop`` said so at a step boundary) is raised, not turned
         into an ERROR: the caller checkpoints and resumes later. ``batch_size`` overrides the
-        task's (the agent lowers it to fit free memory).
+        task's (the agent lowers it to fit free memory). A ``resume`` checkpoint the trainer
+        refuses (another batch size, say, because free memory shrank) is dropped with a log line
+        and training starts over: the task is still worth doing.
         """
         try:
             return self._train(
@@ -81,6 +97,11 @@ class TaskRunner:
         except TrainingPaused:
             raise
         except FedflockError as exc:
+            if isinstance(exc, CheckpointMismatch) and resume is not None:
+                log.warning("%s: task %s starts over: %s", task.device_id, task.task_id, exc)
+                return self.execute(
+                    task, network=network, should_stop=should_stop, on_step=on_step, batch_size=batch_size
+                )
             log.error("%s: task %s failed (%s): %s", task.device_id, task.task_id, exc.code, exc)
             return ErrorMessage(
                 device_id=task.device_id, round=task.round, task_id=task.task_id, code=exc.code, reason=exc.reason
@@ -120,7 +141,8 @@ class TaskRunner:
             resume=resume,
             on_step=on_step,
         )
-        evaluation = self.trainer.evaluate(result.weights, self.data.x, self.data.y)
+        held_out = self.validation or self.data
+        evaluation = self.trainer.evaluate(result.weights, held_out.x, held_out.y)
         self.personal.save(result.weights)
         aggregated = [t.name for t in bundle.manifest.aggregated_tensors]
         delta = {name: (result.weights[name] - task.weights[name]).astype(np.float32) for name in aggregated}
@@ -192,6 +214,9 @@ class CheckpointShelf:
 
     A checkpoint that cannot be read (corrupt, written by another bundle) is discarded with a log
     line and the task starts over: losing progress is better than training from a wrong state.
+    Task ids come from the server, so a file is named by its task id only when that is a safe
+    file name (as the server's ids are), else ``sha256.<hex of the id>.ckpt``: no task id can
+    address a file outside ``directory``.
     """
 
     def __init__(self, directory: Path | None) -> None:
@@ -199,7 +224,11 @@ class CheckpointShelf:
         self._memory: dict[str, TrainCheckpoint] = {}
 
     def _path(self, task_id: str) -> Path | None:
-        return self._directory / f"{task_id}.ckpt" if self._directory is not None else None
+        if self._directory is None:
+            return None
+        if _SAFE_FILE_NAME.fullmatch(task_id):
+            return self._directory / f"{task_id}.ckpt"
+        return self._directory / f"sha256.{hashlib.sha256(task_id.encode('utf-8', 'surrogatepass')).hexdigest()}.ckpt"
 
     def save(self, task_id: str, checkpoint: TrainCheckpoint) -> None:
         path = self._path(task_id)
@@ -222,8 +251,46 @@ class CheckpointShelf:
             path.unlink(missing_ok=True)
             return None
 
+    def resume(self, task_id: str, batch_size: int) -> tuple[TrainCheckpoint | None, int]:
+        """The task's checkpoint (if any) and the batch size to train with: the paused run's when
+        it is at most ``batch_size`` (what fits now), so the result stays that of an uninterrupted
+        run. A larger one no longer fits; the trainer then refuses the checkpoint and
+        :meth:`TaskRunner.execute` starts over."""
+        checkpoint = self.load(task_id)
+        if checkpoint is not None and checkpoint.plan.batch_size <= batch_size:
+            return checkpoint, checkpoint.plan.batch_size
+        return checkpoint, batch_size
+
     def discard(self, task_id: str) -> None:
         self._memory.pop(task_id, None)
         path = self._path(task_id)
         if path is not None:
             path.unlink(missing_ok=True)
+
+    def prune(self, pending: Collection[str]) -> None:
+        """Discard the checkpoints of tasks not in ``pending`` (the inbox's live tasks), logging each.
+
+        Such a task left the inbox while it was paused: its deadline passed (the store expires a
+        task without knowing about its checkpoint), or the store lost it. Nothing resumes it.
+        """
+        gone = [task_id for task_id in self._memory if task_id not in pending]
+        for task_id in gone:
+            del self._memory[task_id]
+        if self._directory is not None and self._directory.is_dir():
+            keep = {self._path(task_id) for task_id in pending}
+            for path in sorted(self._directory.glob("*.ckpt")):
+                if path not in keep:
+                    gone.append(_task_of(path))
+                    path.unlink(missing_ok=True)
+        for task_id in gone:
+            log.warning("abandoned task %s: its deadline passed while it was paused", task_id)
+
+
+def _task_of(path: Path) -> str:
+    """The task id of a checkpoint file (read from the file when the name is a hash)."""
+    if not path.stem.startswith("sha256."):
+        return path.stem
+    try:
+        return load_checkpoint(path).plan.task_id
+    except StorageError:
+        return path.name

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from edge_agent.datasources import open_data
 from edge_agent.device.eligibility import decide
 from edge_agent.device.load import ort_threads
 from edge_agent.device.monitor import MonitorConfig, ResourceMonitor
-from edge_agent.errors import BundleError, ConfigError, StorageError
+from edge_agent.errors import BundleError, ConfigError, StorageError, TransportError
 from edge_agent.gate import working_set
 from edge_agent.ota import InstalledModel, ModelStore
 from edge_agent.protocol.manifest import load_manifest
@@ -130,9 +131,18 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         store=StoreConfig(retention_s=config.retention_s),
     )
     transport = configured_device_transport(config, bundle_digest=bundle.digest, num_examples=len(split.train))
-    agent = Agent(agent_config, transport, trainer, split.train, monitor=monitor, policy=config.policy)
+    agent = Agent(
+        agent_config,
+        transport,
+        trainer,
+        split.train,
+        monitor=monitor,
+        policy=config.policy,
+        validation=split.validation,
+    )
     with monitor:
-        agent.start()
+        if not start_when_reachable(agent, stop, config.mqtt.url):
+            return 0
         log.info(
             "agent %s online at %s: model v%d, %d examples",
             config.device_id,
@@ -145,6 +155,25 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         finally:
             agent.close()
     return 0
+
+
+def start_when_reachable(agent: Any, stop: threading.Event, url: str) -> bool:
+    """Start the agent, retrying with jittered exponential backoff while the broker is unreachable
+    (a device boots before its network is up; a fleet must not retry in lockstep). False: stopped."""
+    from edge_agent.transport.mqtt_config import reconnect_delay
+
+    rng = random.Random()
+    attempt = 0
+    while not stop.is_set():
+        try:
+            agent.start()
+            return True
+        except TransportError as exc:
+            delay = reconnect_delay(attempt, min_delay=1.0, max_delay=60.0, jitter=1.0, rng=rng)
+            log.warning("broker %s not reachable (%s); retrying in %.0fs", url, exc.reason, delay)
+            stop.wait(delay)
+            attempt += 1
+    return False
 
 
 def agent_status(path: Path, *, as_json: bool = False, sleep: Callable[[float], None] = time.sleep) -> int:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from edge_agent.agent import offline_will, online_birth
 from edge_agent.config import AgentFileConfig
+from edge_agent.presence import offline_will, online_birth
 from edge_agent.protocol.topics import Topics
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport, TlsConfig, parse_mqtt_url
 

@@ -6,24 +6,21 @@ callbacks only copy data into queues and flags, never run user code.
 
 Choices worth knowing:
 
-* ``protocol="auto"`` asks with a bare MQTT 5 CONNECT on a throwaway connection first and, if
-  the broker refuses MQTT 5 (amqtt), uses 3.1.1 for this transport and all its reconnects. Not
-  with the real CONNECT: amqtt 0.12 never answers (nor closes) an MQTT 5 CONNECT with a will.
+* ``protocol="auto"`` probes with a bare MQTT 5 CONNECT first (amqtt 0.12 never answers one
+  with a will) and falls back to 3.1.1 for this transport and its reconnects.
 * MQTT 5 only: message and session expiry, failure reason codes in CONNACK/SUBACK/PUBACK raised
   as :class:`TransportError` naming the code, and the broker's Maximum Packet Size enforced
   before sending (paho does not check it; the broker would disconnect us). On 3.1.1 expiries
   are ignored and a broker that refuses a publish still acknowledges it. paho 2.2 ignores PUBREC
   reason codes, so a refused QoS 2 publish looks successful even on MQTT 5.
-* paho's reconnect backoff doubles with no jitter, so after a broker restart a whole fleet would
-  reconnect in lockstep. Before every reconnect attempt we compute our own jittered exponential
-  delay (:func:`reconnect_delay`) and hand it to paho through ``reconnect_delay_set``.
-* ``MQTTMessageInfo.wait_for_publish`` returns silently on timeout, so QoS >= 1 publishes check
-  ``is_published()`` afterwards and raise :class:`TransportError`.
-* paho keeps session state in memory only: a QoS 1 message whose publish raised may still be
-  delivered after a reconnect, so receivers must tolerate duplicates.
+* paho's reconnect backoff has no jitter (a fleet would reconnect in lockstep): each attempt
+  gets our jittered exponential :func:`reconnect_delay` through ``reconnect_delay_set``.
+* paho queues a publish made while disconnected and sends it after the reconnect, so a caller
+  retrying during an outage would queue one copy per retry: publishing while disconnected
+  raises instead. A QoS 1 message whose PUBACK timed out may still be delivered after a
+  reconnect, so receivers must tolerate duplicates.
 * TLS (``config.tls``): ``start()`` reads the certificate and password files (``tls.py``) and
-  hands paho one verifying SSLContext. A broker that refuses our client certificate ends the
-  TLS 1.3 session after our handshake is done; that alert fails ``start()`` at once.
+  hands paho one verifying SSLContext; a refused client certificate fails ``start()`` at once.
 """
 
 from __future__ import annotations
@@ -56,9 +53,8 @@ _log = logging.getLogger(__name__)
 class MqttTransport:
     """:class:`~edge_agent.transport.base.Transport` over a real MQTT 5 or 3.1.1 broker.
 
-    No I/O happens before :meth:`start`. Subscriptions are recorded and re-sent on every
-    (re)connect, so they survive broker restarts even with clean sessions. Single-use: once
-    closed it cannot be restarted; build a new one.
+    No I/O before :meth:`start`. Subscriptions are re-sent on every (re)connect, so they survive
+    broker restarts even with clean sessions. Once closed it cannot be restarted.
     """
 
     def __init__(self, config: MqttConfig, *, rng: random.Random | None = None) -> None:
@@ -78,6 +74,9 @@ class MqttTransport:
         self._max_packet_size: int | None = None
         self._last_disconnect: str | None = None
         self._secrets = tls.Secrets(password=config.password)  # start() reads config.tls and password_file
+
+    def _disconnect_note(self) -> str:
+        return f" (last disconnect: {self._last_disconnect})" if self._last_disconnect else ""
 
     @property
     def config(self) -> MqttConfig:
@@ -118,7 +117,8 @@ class MqttTransport:
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, expiry_s: float | None = None
     ) -> None:
-        """Publish; QoS >= 1 waits for the PUBACK and raises if it carries a failure reason code.
+        """Publish; QoS >= 1 waits for the PUBACK and raises if it carries a failure reason code
+        (or never came: paho's ``wait_for_publish`` returns silently on timeout).
 
         ``expiry_s`` becomes the MQTT 5 Message Expiry Interval (whole seconds, rounded up); on
         MQTT 3.1.1 it is ignored. A payload that would make the PUBLISH packet larger than the
@@ -134,6 +134,8 @@ class MqttTransport:
         if limit is not None:  # only ever set on MQTT 5, where an empty property block is 1 byte
             props_size = len(properties.pack()) if properties is not None else 1
             mqtt_config.check_packet_size(topic, len(data), qos=qos, properties_size=props_size, limit=limit)
+        if not client.is_connected():  # paho would queue it and send it after a reconnect, once per retry
+            raise TransportError(f"cannot publish to {topic!r}: not connected{self._disconnect_note()}")
         try:
             info = client.publish(topic, data, qos=qos, retain=retain, properties=properties)
         except ValueError as exc:
@@ -147,17 +149,14 @@ class MqttTransport:
         except (RuntimeError, ValueError) as exc:
             raise TransportError(f"publish to {topic!r} failed: {exc}") from exc
         if not info.is_published():
-            last = f" (last disconnect: {self._last_disconnect})" if self._last_disconnect else ""
-            raise TransportError(f"publish to {topic!r} not acknowledged within {self._config.publish_timeout}s{last}")
+            timeout = self._config.publish_timeout
+            raise TransportError(f"publish to {topic!r} not acknowledged within {timeout}s{self._disconnect_note()}")
         failure = self._acks.publish_failure(info.mid)
         if failure is not None:
             raise TransportError(f"broker refused the publish to {topic!r}: {failure}")
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
-        """Record the subscription and, if connected, wait for the broker's SUBACK.
-
-        While disconnected the subscription is only recorded; it is sent on the next connect.
-        """
+        """Record the subscription and, if connected, wait for the SUBACK (else: sent on connect)."""
         validate_topic_filter(topic_filter)
         validate_qos(qos)
         with self._lock:

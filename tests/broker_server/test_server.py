@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from broker_server.server import FederatedServer, ServerConfig
-from edge_agent.agent import Agent, AgentConfig, offline_will
+from edge_agent.agent import Agent, AgentConfig
 from edge_agent.errors import ConfigError
+from edge_agent.presence import offline_will
 from edge_agent.protocol.messages import StatusMessage, UpdateMessage, decode_message, encode_message
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.trainer import OrtTrainer

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from broker_server.server import FederatedServer, ServerConfig
-from edge_agent.agent import Agent, AgentConfig, offline_will
+from edge_agent.agent import Agent, AgentConfig
 from edge_agent.codecs import CodecSpec, encode_update
+from edge_agent.presence import offline_will
 from edge_agent.protocol.messages import (
     StatusMessage,
     TaskMessage,
