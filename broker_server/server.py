@@ -2,7 +2,9 @@
 
 All traffic goes through one :class:`Transport`; the clock and randomness are injected. Bad
 messages are logged with a reason and counted in :attr:`FederatedServer.rejections`; they never
-stop the server and never disturb updates already accepted.
+stop the server and never disturb updates already accepted. Model bundles are announced and
+served to devices that FETCH them by :attr:`FederatedServer.publisher` (:mod:`broker_server.models`)
+whenever the server pumps messages (in rounds, while waiting for devices, or in :meth:`serve`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.aggregate import apply_delta
+from broker_server.models import ModelPublisher
 from broker_server.registry import DeviceRegistry
 from broker_server.rounds import RoundState
 from broker_server.store import ModelStore
@@ -30,6 +33,8 @@ from edge_agent.protocol.messages import (
     ChunkAck,
     ChunkMessage,
     ErrorMessage,
+    FetchMessage,
+    ModelMessage,
     StatusMessage,
     TaskMessage,
     UpdateMessage,
@@ -75,6 +80,9 @@ class ServerConfig:
     codecs: tuple[str, ...] = ("int8", "fp16", "fp32")
     #: largest CHUNK payload for transfers to and from devices (below a 1 MB broker packet limit)
     chunk_bytes: int = 256 * 1024
+    #: start() announces the server's bundle as ``model_version`` on this model channel (None: not)
+    model_channel: str | None = "current"
+    model_version: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -91,6 +99,10 @@ class ServerConfig:
             CodecSpec.parse(name)  # raises ConfigError naming the valid codecs
         if self.chunk_bytes < MIN_CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be >= {MIN_CHUNK_BYTES}")
+        if self.model_channel is not None:
+            self.topics.model_channel(self.model_channel)  # raises ConfigError for a bad name
+        if self.model_version < 1:
+            raise ConfigError("model_version must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,9 @@ class FederatedServer:
         evaluator: Evaluator | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        publisher: ModelPublisher | None = None,
     ) -> None:
+        """``publisher`` announces and serves model bundles (default: one for ``config.topics``)."""
         self.config = config
         self.bundle = bundle
         self.registry = DeviceRegistry()
@@ -143,6 +157,9 @@ class FederatedServer:
         self._store = ModelStore(self._out / "models") if self._out is not None else None
         self._round: RoundState | None = None
         self._link = TransferLink(transport, clock=clock)
+        self.publisher = (
+            publisher if publisher is not None else ModelPublisher(config.topics, max_chunk_bytes=config.chunk_bytes)
+        )
         #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
         self._downloads: list[str] = []
         #: The evaluation of version 0, when an evaluator is given.
@@ -160,6 +177,9 @@ class FederatedServer:
         self._transport.start()
         self._transport.subscribe(topics.all_devices(STATUS), qos=1)
         self._transport.subscribe(topics.all_devices(RESULTS), qos=1)
+        channel = self.config.model_channel
+        if channel is not None and self.publisher.announced(channel) is None:
+            self.publisher.announce(self._transport, channel, self.config.model_version, self.bundle.directory)
         if self._evaluator is not None:
             self.baseline = self._evaluator(self.weights)
         if self._store is not None:
@@ -167,6 +187,16 @@ class FederatedServer:
 
     def close(self) -> None:
         self._transport.close()
+
+    def announce_model(self, version: int, bundle_dir: str | Path, *, channel: str = "current") -> ModelMessage:
+        """Publish bundle ``bundle_dir`` as ``version`` on ``channel`` (retained); devices FETCH it."""
+        return self.publisher.announce(self._transport, channel, version, bundle_dir)
+
+    def serve(self, duration_s: float) -> None:
+        """Handle inbound messages and transfers (e.g. model downloads) for ``duration_s`` seconds."""
+        deadline = self._clock() + duration_s
+        while (left := deadline - self._clock()) > 0:
+            self._pump(min(0.25, left))
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
         for number in range(1, self.config.rounds + 1):
@@ -340,6 +370,8 @@ class FederatedServer:
     def _dispatch(self, kind: str, message: object) -> None:
         if kind == STATUS and isinstance(message, StatusMessage):
             self.registry.observe(message, self._clock())
+        elif kind == RESULTS and isinstance(message, FetchMessage):
+            self.publisher.handle_fetch(message, self._link)
         elif kind == RESULTS and isinstance(message, UpdateMessage | ErrorMessage):
             state = self._round
             if state is None:

@@ -14,6 +14,7 @@ Third-party errors (onnxruntime, paho, OS errors) are translated at the boundary
     ├── BundleError              a training bundle that cannot be used
     │   └── IntegrityError       a file's sha256 does not match the manifest (or is missing)
     ├── TrainingError            onnxruntime failed or produced non-finite values
+    │   └── NonFiniteLoss        the loss became NaN/inf (a new model may deserve a rollback)
     ├── TransportError           the broker could not be reached or did not acknowledge
     ├── StorageError             the device's on-disk state could not be read or written (full disk, corrupt db)
     └── ExportError              a PyTorch model could not be turned into a bundle
@@ -62,6 +63,10 @@ class IntegrityError(BundleError):
 
 class TrainingError(FedflockError):
     code = "training_error"
+
+
+class NonFiniteLoss(TrainingError):
+    code = "non_finite_loss"
 
 
 class TransportError(FedflockError):

@@ -5,7 +5,8 @@ Envelope layout, integers little-endian (docs/protocol.md, "Envelope")::
     offset  size  field
     0       4     magic b"FFLK"
     4       1     format version (1)
-    5       1     message type (1 STATUS, 2 TASK, 3 UPDATE, 4 ERROR, 5 CHUNK, 6 CHUNK_ACK)
+    5       1     message type (1 STATUS, 2 TASK, 3 UPDATE, 4 ERROR, 5 CHUNK, 6 CHUNK_ACK,
+                  7 MODEL, 8 FETCH)
     6       2     flags, zero in version 1
     8       4     u32 header length H (<= 64 KiB)
     12      H     header: a UTF-8 JSON object
@@ -13,8 +14,11 @@ Envelope layout, integers little-endian (docs/protocol.md, "Envelope")::
                   (edge_agent.codecs, "FFCU"), CHUNK a slice of a larger envelope, else nothing
 
 Every header carries ``device_id``, ``round`` and ``task_id`` (``round`` is -1 and ``task_id``
-empty on STATUS). An envelope larger than the link's chunk size travels as CHUNK messages with
-per-chunk CHUNK_ACKs (:mod:`edge_agent.protocol.chunks`) and is decoded once reassembled.
+empty on STATUS, MODEL and FETCH; MODEL, a broadcast, has an empty ``device_id``). An envelope
+larger than the link's chunk size travels as CHUNK messages with per-chunk CHUNK_ACKs
+(:mod:`edge_agent.protocol.chunks`) and is decoded once reassembled. CHUNK/CHUNK_ACK are defined
+in :mod:`~edge_agent.protocol.chunk_messages` and MODEL/FETCH in
+:mod:`~edge_agent.protocol.model_messages`; this module registers and re-exports them.
 Encode/decode functions come in pairs; decoders raise :class:`MalformedMessage` or
 :class:`UnsupportedVersion` and never return half a message.
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +35,54 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import MalformedMessage, UnsupportedVersion
+from edge_agent.protocol.chunk_messages import (
+    ACK_COMPLETE,
+    ACK_OK,
+    ACK_REJECTED,
+    ACK_RESEND,
+    ACK_STATUSES,
+    SHA256_PATTERN,
+    ChunkAck,
+    ChunkMessage,
+    chunk_ack_header,
+    chunk_header,
+    decode_chunk,
+    decode_chunk_ack,
+    no_payload,
+)
 from edge_agent.protocol.header import Header, parse_header
+from edge_agent.protocol.model_messages import (
+    FETCH,
+    MODEL,
+    FetchMessage,
+    ModelMessage,
+    decode_fetch,
+    decode_model,
+    model_header,
+)
 from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES, task_codecs, task_frozen, task_hyperparameters
 from edge_agent.protocol.tensors import decode_tensors, encode_tensors
+
+__all__ = [
+    "ACK_COMPLETE",
+    "ACK_OK",
+    "ACK_REJECTED",
+    "ACK_RESEND",
+    "ACK_STATUSES",
+    "MIN_CHUNK_BYTES",
+    "SHA256_PATTERN",
+    "ChunkAck",
+    "ChunkMessage",
+    "ErrorMessage",
+    "FetchMessage",
+    "Message",
+    "ModelMessage",
+    "StatusMessage",
+    "TaskMessage",
+    "UpdateMessage",
+    "decode_message",
+    "encode_message",
+]
 
 MAGIC = b"FFLK"
 FORMAT_VERSION = 1
@@ -42,7 +90,7 @@ MAX_HEADER_BYTES = 64 * 1024
 
 STATUS, TASK, UPDATE, ERROR, CHUNK, CHUNK_ACK = 1, 2, 3, 4, 5, 6
 _TYPE_NAMES = {STATUS: "STATUS", TASK: "TASK", UPDATE: "UPDATE", ERROR: "ERROR", CHUNK: "CHUNK", CHUNK_ACK: "CHUNK_ACK"}
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+_TYPE_NAMES |= {MODEL: "MODEL", FETCH: "FETCH"}
 
 _PREAMBLE = struct.Struct("<4sBBHI")
 
@@ -117,48 +165,6 @@ class UpdateMessage:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ChunkMessage:
-    """One slice of a larger envelope (a TASK downloaded or an UPDATE uploaded in pieces).
-
-    Chunk ``index`` covers bytes ``[index * chunk_size, min((index + 1) * chunk_size, total_size))``
-    of the object; ``sha256`` is the whole object's digest, checked before it is decoded.
-    ``device_id`` is always the device end of the transfer (sender of an upload, recipient of a
-    download); ``round``/``task_id`` name the task the object belongs to.
-    """
-
-    device_id: str
-    round: int
-    task_id: str
-    transfer_id: str
-    index: int
-    count: int
-    chunk_size: int
-    total_size: int
-    sha256: str
-    data: bytes = b""
-
-
-#: CHUNK_ACK statuses: ``next`` chunks received in order so far / chunk ``next`` is missing (a gap:
-#: out of order, or the receiver lost its state), resend from it / the object is complete and
-#: verified / the transfer was refused for good (``reason`` says why; the sender stops)
-ACK_OK, ACK_RESEND, ACK_COMPLETE, ACK_REJECTED = "ok", "resend", "complete", "rejected"
-ACK_STATUSES = (ACK_OK, ACK_RESEND, ACK_COMPLETE, ACK_REJECTED)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChunkAck:
-    """Receiver -> sender: ``next`` chunks of ``transfer_id`` are held (the next one wanted)."""
-
-    device_id: str
-    round: int
-    task_id: str
-    transfer_id: str
-    next: int
-    status: str = ACK_OK
-    reason: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
 class ErrorMessage:
     """Device -> server: the task failed; ``code`` is an :mod:`edge_agent.errors` code."""
 
@@ -169,7 +175,9 @@ class ErrorMessage:
     reason: str
 
 
-Message = StatusMessage | TaskMessage | UpdateMessage | ErrorMessage | ChunkMessage | ChunkAck
+Message = (
+    StatusMessage | TaskMessage | UpdateMessage | ErrorMessage | ChunkMessage | ChunkAck | ModelMessage | FetchMessage
+)
 
 
 def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
@@ -238,20 +246,11 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
         }
         return UPDATE, _base(message.device_id, message.round, message.task_id) | header, None
     if isinstance(message, ChunkMessage):
-        header = {
-            "transfer_id": message.transfer_id,
-            "index": message.index,
-            "count": message.count,
-            "chunk_size": message.chunk_size,
-            "total_size": message.total_size,
-            "sha256": message.sha256,
-        }
-        return CHUNK, _base(message.device_id, message.round, message.task_id) | header, None
+        return CHUNK, _base(message.device_id, message.round, message.task_id) | chunk_header(message), None
     if isinstance(message, ChunkAck):
-        header = {"transfer_id": message.transfer_id, "next": message.next, "status": message.status}
-        if message.reason:
-            header["reason"] = message.reason
-        return CHUNK_ACK, _base(message.device_id, message.round, message.task_id) | header, None
+        return CHUNK_ACK, _base(message.device_id, message.round, message.task_id) | chunk_ack_header(message), None
+    if isinstance(message, ModelMessage | FetchMessage):
+        return (*model_header(message), None)
     header = {"code": message.code, "reason": message.reason}
     return ERROR, _base(message.device_id, message.round, message.task_id) | header, None
 
@@ -281,11 +280,6 @@ def decode_message(data: bytes | bytearray | memoryview) -> Message:
     return _DECODERS[msg_type](Header(header, _TYPE_NAMES[msg_type]), payload)
 
 
-def _no_payload(h: Header, payload: memoryview) -> None:
-    if len(payload):
-        raise MalformedMessage(f"{h.type_name} carries {len(payload)} unexpected payload bytes")
-
-
 def _tensors(h: Header, payload: memoryview) -> Tensors:
     if not len(payload):
         return {}
@@ -293,7 +287,7 @@ def _tensors(h: Header, payload: memoryview) -> Tensors:
 
 
 def _decode_status(h: Header, payload: memoryview) -> StatusMessage:
-    _no_payload(h, payload)
+    no_payload(h, payload)
     return StatusMessage(
         device_id=h.device_id(),
         online=h.bool_field("online"),
@@ -343,51 +337,8 @@ def _decode_update(h: Header, payload: memoryview) -> UpdateMessage:
     )
 
 
-def _decode_chunk(h: Header, payload: memoryview) -> ChunkMessage:
-    chunk = ChunkMessage(
-        device_id=h.device_id(),
-        round=h.int_field("round", minimum=-1),
-        task_id=h.str_field("task_id"),
-        transfer_id=h.token_field("transfer_id"),
-        index=h.int_field("index", minimum=0),
-        count=h.int_field("count", minimum=1),
-        chunk_size=h.int_field("chunk_size", minimum=1),
-        total_size=h.int_field("total_size", minimum=1),
-        sha256=h.str_field("sha256"),
-        data=bytes(payload),
-    )
-    if not SHA256_PATTERN.match(chunk.sha256):
-        raise MalformedMessage("CHUNK field 'sha256' is not 64 lowercase hex digits")
-    if chunk.count != -(-chunk.total_size // chunk.chunk_size):
-        raise MalformedMessage(
-            f"CHUNK count {chunk.count} does not match total_size {chunk.total_size} / chunk_size {chunk.chunk_size}"
-        )
-    if chunk.index >= chunk.count:
-        raise MalformedMessage(f"CHUNK index {chunk.index} >= count {chunk.count}")
-    expected = min(chunk.chunk_size, chunk.total_size - chunk.index * chunk.chunk_size)
-    if len(chunk.data) != expected:
-        raise MalformedMessage(f"CHUNK {chunk.index} carries {len(chunk.data)} bytes, expected {expected}")
-    return chunk
-
-
-def _decode_chunk_ack(h: Header, payload: memoryview) -> ChunkAck:
-    _no_payload(h, payload)
-    status = h.str_field("status")
-    if status not in ACK_STATUSES:
-        raise MalformedMessage(f"CHUNK_ACK status {status!r} is not one of {list(ACK_STATUSES)}")
-    return ChunkAck(
-        device_id=h.device_id(),
-        round=h.int_field("round", minimum=-1),
-        task_id=h.str_field("task_id"),
-        transfer_id=h.token_field("transfer_id"),
-        next=h.int_field("next", minimum=0),
-        status=status,
-        reason=h.str_field("reason") if "reason" in h.raw else "",
-    )
-
-
 def _decode_error(h: Header, payload: memoryview) -> ErrorMessage:
-    _no_payload(h, payload)
+    no_payload(h, payload)
     return ErrorMessage(
         device_id=h.device_id(),
         round=h.int_field("round", minimum=-1),
@@ -402,6 +353,8 @@ _DECODERS: dict[int, Callable[[Header, memoryview], Message]] = {
     TASK: _decode_task,
     UPDATE: _decode_update,
     ERROR: _decode_error,
-    CHUNK: _decode_chunk,
-    CHUNK_ACK: _decode_chunk_ack,
+    CHUNK: decode_chunk,
+    CHUNK_ACK: decode_chunk_ack,
+    MODEL: decode_model,
+    FETCH: decode_fetch,
 }

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edge_agent.errors import BundleError, TrainingError
+from edge_agent.errors import BundleError, NonFiniteLoss, TrainingError
 from edge_agent.protocol.manifest import FINITE_OUTPUT, LOSS_SCALE_INPUT
 from edge_agent.runtime.bundle import Bundle, Tensors, check_tensors
 from edge_agent.runtime.checkpoint import (
@@ -378,5 +378,5 @@ class OrtTrainer:
 def _finite_loss(value: np.ndarray) -> float:
     loss = float(value)
     if not np.isfinite(loss):
-        raise TrainingError(f"loss became {loss}; lower the learning rate")
+        raise NonFiniteLoss(f"loss became {loss}; lower the learning rate")
     return loss

@@ -1,0 +1,190 @@
+"""Server side of a model rollout: announce bundle versions, serve their archives on FETCH.
+
+:class:`ModelPublisher` holds the archives (:func:`edge_agent.ota.pack_bundle` bytes) of the
+versions it published, announces one per channel with a retained MODEL on
+``{prefix}/models/{channel}``, and answers a device's FETCH by sending the archive as CHUNKs on
+the device's ``tasks`` topic through the server's :class:`~edge_agent.transfer.TransferLink` (whose
+CHUNK_ACKs arrive on the device's ``results`` topic as for any download). Decisions
+(docs/protocol.md §8.5):
+
+* every FETCH starts a new transfer (fresh transfer id), and replaces the device's previous model
+  transfer (forgotten: at most one per device). The device's first ack names the chunks it has
+  staged, so a re-FETCH after a device restart resumes instead of starting over;
+* the chunk size is the device's wish, lowered to ``max_chunk_bytes`` (the same wish always gets
+  the same size, which a staged download needs to resume);
+* a FETCH for a version not held gets an ERROR (code ``contract_violation``, ``round`` -1,
+  ``task_id`` ``model-v<N>``) on the device's inbox, and raises :class:`ContractViolation` so
+  the server counts the rejection; beyond ``max_transfers`` concurrent transfers a FETCH is
+  dropped unanswered (:class:`ProtocolError`; the device asks again after its timeout);
+* at most ``keep`` versions stay in memory (announced ones are never dropped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.errors import ConfigError, ContractViolation, ProtocolError, TransportError
+from edge_agent.ota.archive import pack_bundle
+from edge_agent.protocol.manifest import load_manifest
+from edge_agent.protocol.messages import MIN_CHUNK_BYTES, ErrorMessage, encode_message
+from edge_agent.protocol.model_messages import FetchMessage, ModelMessage, model_object_id
+from edge_agent.protocol.topics import Topics
+from edge_agent.transfer import DONE, SENDING, TransferLink
+from edge_agent.transport.base import Transport
+
+__all__ = ["ModelPublisher", "Release"]
+
+log = logging.getLogger("fedflock.server.models")
+
+
+@dataclass(frozen=True, eq=False)
+class Release:
+    """One bundle version as served: its archive bytes and the digests announced for it."""
+
+    version: int
+    bundle_digest: str
+    archive: bytes
+    archive_sha256: str
+
+    def announcement(self, channel: str, signature: str = "") -> ModelMessage:
+        return ModelMessage(
+            channel=channel,
+            version=self.version,
+            bundle_digest=self.bundle_digest,
+            archive_sha256=self.archive_sha256,
+            archive_size=len(self.archive),
+            signature=signature,
+        )
+
+
+class ModelPublisher:
+    """Announced bundle versions and the transfers serving them; single-threaded (the server's loop)."""
+
+    def __init__(
+        self, topics: Topics, *, max_chunk_bytes: int = 256 * 1024, keep: int = 4, max_transfers: int = 64
+    ) -> None:
+        if max_chunk_bytes < MIN_CHUNK_BYTES or keep < 1 or max_transfers < 1:
+            raise ConfigError(f"need max_chunk_bytes >= {MIN_CHUNK_BYTES}, keep >= 1 and max_transfers >= 1")
+        self.topics = topics
+        self.max_chunk_bytes, self.keep, self.max_transfers = max_chunk_bytes, keep, max_transfers
+        #: fetches served, replaced, refused (metrics)
+        self.counters: Counter[str] = Counter()
+        self._releases: dict[int, Release] = {}
+        self._channels: dict[str, int] = {}  # channel -> announced version
+        self._transfers: dict[str, str] = {}  # device id -> transfer id of its model download
+
+    def add(self, version: int, bundle_dir: str | Path) -> Release:
+        """Pack ``bundle_dir`` as ``version`` (files are verified against the manifest first)."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ConfigError(f"model version must be an integer >= 1, got {version!r}")
+        _, digest = load_manifest(bundle_dir, verify=True)
+        held = self._releases.get(version)
+        if held is not None and held.bundle_digest != digest:
+            raise ConfigError(f"version {version} is already published with bundle {held.bundle_digest[:12]}")
+        archive = pack_bundle(bundle_dir)
+        release = Release(version, digest, archive, hashlib.sha256(archive).hexdigest())
+        self._releases[version] = release
+        self._prune(also_keep=version)
+        return release
+
+    def announce(
+        self,
+        transport: Transport,
+        channel: str,
+        version: int,
+        bundle_dir: str | Path | None = None,
+        signature: str = "",
+    ) -> ModelMessage:
+        """Publish the retained MODEL for ``version`` on ``channel`` (adding ``bundle_dir`` first if given)."""
+        topic = self.topics.model_channel(channel)  # raises ConfigError for a bad channel name
+        release = self.add(version, bundle_dir) if bundle_dir is not None else self._releases.get(version)
+        if release is None:
+            raise ConfigError(f"model version {version} is not held; give its bundle directory")
+        message = release.announcement(channel, signature)
+        transport.publish(topic, encode_message(message), qos=1, retain=True)
+        self._channels[channel] = version
+        self._prune()
+        log.info("announced model v%d (%s) on channel %s", version, release.bundle_digest[:12], channel)
+        return message
+
+    def announced(self, channel: str) -> int | None:
+        """The version announced on ``channel`` by this publisher, if any."""
+        return self._channels.get(channel)
+
+    def release(self, version: int) -> Release | None:
+        return self._releases.get(version)
+
+    def transfer_of(self, device_id: str) -> str | None:
+        """The transfer id of the device's current model download, if any."""
+        return self._transfers.get(device_id)
+
+    def handle_fetch(self, fetch: FetchMessage, link: TransferLink) -> str:
+        """Start sending the archive to ``fetch.device_id``; returns the transfer id.
+
+        Raises :class:`ContractViolation` (after answering the device with an ERROR) for a
+        version not held, :class:`ProtocolError` when too many transfers are running.
+        """
+        release = self._releases.get(fetch.version)
+        if release is None:
+            self.counters["unknown_version"] += 1
+            reason = f"model version {fetch.version} is not available (held: {sorted(self._releases)})"
+            self._answer_error(link, fetch, reason)
+            raise ContractViolation(reason)
+        self._prune_transfers(link)
+        previous = self._transfers.pop(fetch.device_id, None)
+        if previous is not None:
+            link.forget(previous)
+            self.counters["replaced"] += 1
+        elif len(self._transfers) >= self.max_transfers:
+            self.counters["busy"] += 1
+            raise ProtocolError(f"{len(self._transfers)} model transfers running; FETCH of v{fetch.version} dropped")
+        transfer_id = link.send(
+            self.topics.tasks(fetch.device_id),
+            release.archive,
+            device_id=fetch.device_id,
+            round=-1,
+            task_id=model_object_id(fetch.version),
+            chunk_size=min(fetch.chunk_size, self.max_chunk_bytes),
+        )
+        self._transfers[fetch.device_id] = transfer_id
+        self.counters["served"] += 1
+        log.info("sending model v%d to %s (transfer %s)", fetch.version, fetch.device_id, transfer_id)
+        return transfer_id
+
+    def _prune_transfers(self, link: TransferLink) -> None:
+        """Forget finished transfers (done or failed) so the link does not keep them."""
+        for device_id, transfer_id in list(self._transfers.items()):
+            if transfer_id not in link.transfers():
+                del self._transfers[device_id]
+                continue
+            state = link.state(transfer_id)
+            if state != SENDING:
+                self.counters["completed" if state == DONE else "failed"] += 1
+                link.forget(transfer_id)
+                del self._transfers[device_id]
+
+    def _prune(self, also_keep: int | None = None) -> None:
+        """Drop the oldest versions beyond ``keep`` that no channel announces."""
+        protected = {*self._channels.values(), also_keep}
+        for version in sorted(self._releases):
+            if len(self._releases) <= self.keep:
+                return
+            if version not in protected:
+                del self._releases[version]  # running transfers keep their own reference
+
+    def _answer_error(self, link: TransferLink, fetch: FetchMessage, reason: str) -> None:
+        error = ErrorMessage(
+            device_id=fetch.device_id,
+            round=-1,
+            task_id=model_object_id(fetch.version),
+            code=ContractViolation.code,
+            reason=reason,
+        )
+        try:
+            link.transport.publish(self.topics.tasks(fetch.device_id), encode_message(error), qos=1)
+        except TransportError as exc:  # the device asks again after its timeout
+            log.warning("cannot answer %s's FETCH: %s", fetch.device_id, exc.reason)
