@@ -1,7 +1,6 @@
-"""The device agent: announce itself, wait for tasks, train with onnxruntime, upload the delta.
+"""The device agent: announce itself, take tasks, train with onnxruntime when allowed, forward results.
 
-The agent never imports torch; it needs onnxruntime, numpy and a :class:`Transport`.
-"""
+No torch, ever: onnxruntime, numpy and a :class:`Transport` (docs/agent.md)."""
 
 from __future__ import annotations
 
@@ -11,24 +10,25 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from edge_agent.codecs import DEFAULT_PREFERENCES, CodecSpec
+from edge_agent.agent_config import AgentConfig
 from edge_agent.data import Dataset
 from edge_agent.device.eligibility import Decision
 from edge_agent.device.monitor import Monitor
 from edge_agent.device.policy import Policy
 from edge_agent.device.state import DeviceState
-from edge_agent.errors import ConfigError, FedflockError, ProtocolError
+from edge_agent.errors import FedflockError, NonFiniteLoss, ProtocolError
 from edge_agent.gate import Gate, StaticMonitor, throttle, working_set
+from edge_agent.model_updates import ModelUpdates
+from edge_agent.ota import ModelUpdater
 from edge_agent.presence import status_message
 from edge_agent.protocol.messages import (
-    MIN_CHUNK_BYTES,
     ChunkAck,
     ChunkMessage,
     ErrorMessage,
@@ -37,11 +37,11 @@ from edge_agent.protocol.messages import (
     decode_message,
     encode_message,
 )
-from edge_agent.protocol.topics import Topics, validate_device_id
+from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.checkpoint import TrainingPaused
 from edge_agent.runtime.personal import PersonalStore
 from edge_agent.runtime.trainer import OrtTrainer
-from edge_agent.store import DeviceStore, InboxTask, StoreConfig
+from edge_agent.store import DeviceStore, InboxTask
 from edge_agent.task_runner import CheckpointShelf, TaskRunner
 from edge_agent.transfer import TransferLink
 from edge_agent.transport.base import Transport
@@ -57,50 +57,12 @@ IDLE_CHECK_S = 10.0
 UPLOAD_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class AgentConfig:
-    device_id: str
-    topics: Topics = Topics()
-    seed: int = 0
-    #: Stop after this many tasks (tests and batch jobs); ``None`` runs until stopped.
-    max_tasks: int | None = None
-    #: Where the device keeps state across tasks and restarts (inbox/outbox, checkpoints,
-    #: personal tensors, codec residual); ``None`` keeps them in memory only.
-    state_dir: Path | None = None
-    #: network type -> update codecs this device prefers on it (strongest compression on cellular);
-    #: the codec used is the first of these that the task's server accepts (edge_agent.codecs)
-    codec_preferences: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_PREFERENCES))
-    #: keep what a lossy codec dropped and add it to the next update (persisted in state_dir)
-    error_feedback: bool = True
-    #: results larger than this travel as CHUNKs of this size (unless the task asks for smaller)
-    chunk_bytes: int = 256 * 1024
-    #: an undelivered result older than this is dropped from the outbox (with a log line)
-    result_ttl_s: float = 72 * 3600.0
-    #: the inbox/outbox's limits and retention (edge_agent.store)
-    store: StoreConfig = field(default_factory=StoreConfig)
-
-    def __post_init__(self) -> None:
-        validate_device_id(self.device_id)
-        if self.chunk_bytes < MIN_CHUNK_BYTES:
-            raise ConfigError(f"chunk_bytes must be >= {MIN_CHUNK_BYTES}")
-        if not self.result_ttl_s > 0:
-            raise ConfigError(f"result_ttl_s must be > 0, got {self.result_ttl_s}")
-        for network, names in self.codec_preferences.items():
-            for name in names:
-                try:
-                    CodecSpec.parse(name)
-                except FedflockError as exc:
-                    raise ConfigError(f"codec preference for {network!r}: {exc.reason}") from exc
-
-
 class Agent:
     """A device: receives tasks into its inbox, trains when the device can afford it, forwards results.
 
-    ``monitor`` samples the device's sensors and ``policy`` says what the device may do when
-    (:mod:`edge_agent.device`); without a policy the agent is always eligible (in-process agents
-    in tests, the demo and benchmarks). ``store`` is the on-disk inbox/outbox; by default the
-    agent opens ``state_dir/agent.db`` (in memory without a state_dir) at :meth:`start`.
-    """
+    ``monitor`` samples the sensors, ``policy`` says what the device may do when (without one it
+    is always eligible: tests, demo, benchmarks). ``store``: the inbox/outbox, by default
+    ``state_dir/agent.db`` (in memory without a state_dir), opened at :meth:`start`."""
 
     def __init__(
         self,
@@ -118,24 +80,20 @@ class Agent:
         local_now: Callable[[], datetime] = datetime.now,
         sleep: Callable[[float], None] = time.sleep,
         validation: Dataset | None = None,
+        updater: ModelUpdater | None = None,
+        open_trainer: Callable[[Bundle], OrtTrainer] = lambda bundle: OrtTrainer.open(bundle, lazy=True),
     ) -> None:
-        """``network`` reports the active link type when there is no ``monitor``."""
+        """``network`` reports the active link type when there is no ``monitor``; ``updater``
+        installs models announced over the air (``open_trainer`` then opens the new one)."""
         self.config = config
         self._transport = transport
         self._clock = clock
         self._wall_clock = wall_clock
         self._sleep = sleep
         self._rng = np.random.default_rng(config.seed)
-        self.runner = TaskRunner(
-            trainer,
-            data,
-            rng=self._rng,
-            clock=clock,
-            state_dir=config.state_dir,
-            codec_preferences=config.codec_preferences,
-            error_feedback=config.error_feedback,
-            validation=validation,
-        )
+        self._validation = validation
+        self.runner = self._runner(trainer, data)
+        self._open_trainer = open_trainer
         self.gate = Gate(
             monitor or StaticMonitor(network or (lambda: "unknown"), wall_clock),
             policy,
@@ -157,6 +115,47 @@ class Agent:
         #: TASK max_chunk_bytes by task id (a restarted agent falls back to config.chunk_bytes)
         self._chunk_limits: dict[str, int] = {}
         self._last_purge = -math.inf
+        self._models: ModelUpdates | None = None
+        self._start_digest, self._connected = trainer.bundle.digest, True
+        if updater is not None:
+            self._models = ModelUpdates(
+                updater,
+                publish=lambda topic, envelope: self._transport.publish(topic, envelope, qos=1),
+                switch=self._switch_model,
+                report=lambda: self._publish_status(online=True),
+                may_download=lambda: self.gate.check("download", self.gate.state()).eligible,
+            )
+
+    def _install_report(self) -> dict[str, Any] | None:
+        report = self._models.last_report if self._models is not None else None
+        return report.as_dict() if report is not None else None
+
+    def _refresh_after_reconnect(self) -> None:
+        """A transport's birth STATUS carries the start-up model: after a switch, correct it."""
+        connected = bool(getattr(self._transport, "is_connected", lambda: True)())
+        if connected and not self._connected and self._start_digest != self.runner.trainer.bundle.digest:
+            self._publish_status(online=True)
+        self._connected = connected
+
+    def _runner(self, trainer: OrtTrainer, data: Dataset) -> TaskRunner:
+        return TaskRunner(
+            trainer,
+            data,
+            rng=self._rng,
+            clock=self._clock,
+            state_dir=self.config.state_dir,
+            codec_preferences=self.config.codec_preferences,
+            error_feedback=self.config.error_feedback,
+            validation=self._validation,
+        )
+
+    def _switch_model(self, bundle_dir: Path) -> None:
+        """Run the model installed in ``bundle_dir`` from the next task on, and say so in STATUS."""
+        trainer = self._open_trainer(Bundle.open(bundle_dir))
+        trainer.check_data(self.runner.data.x, self.runner.data.y)
+        self.runner = self._runner(trainer, self.runner.data)
+        self._work = working_set(trainer.bundle.manifest)
+        self._publish_status(online=True)
 
     @property
     def personal(self) -> PersonalStore:
@@ -185,6 +184,8 @@ class Agent:
         _ = self.store  # a broken store fails the start, not the first task
         self._transport.start()
         self._transport.subscribe(topics.tasks(device_id), qos=1)
+        if self._models is not None:
+            self._transport.subscribe(self._models.topic, qos=1)
         self._publish_status(online=True)
 
     def close(self) -> None:
@@ -204,6 +205,7 @@ class Agent:
             num_examples=len(self.runner.data),
             decision=decision,
             state=self.gate.state() if decision is not None else None,
+            install=self._install_report(),
         )
         self._transport.publish(
             self.config.topics.status(self.config.device_id), encode_message(status), qos=1, retain=True
@@ -232,6 +234,9 @@ class Agent:
             message = decode_message(payload)
         except ProtocolError as exc:
             log.warning("%s: dropped undecodable task (%s): %s", self.config.device_id, exc.code, exc)
+            return
+        if self._models is not None and self._models.accepts(message):
+            self._models.handle(message)
             return
         mine = message.device_id == self.config.device_id
         if isinstance(message, ChunkMessage | ChunkAck) and mine and not reassembled:
@@ -262,6 +267,9 @@ class Agent:
             self.store.purge(now)
             self._last_purge = now
         state = self.gate.state()
+        if self._models is not None:
+            self._refresh_after_reconnect()
+            self._models.tick()
         self._upload_due(state, now)
         pending = self.store.pending_tasks(now)
         self._checkpoints.prune({task.task_id for task in pending})
@@ -314,6 +322,8 @@ class Agent:
         self.store.put_result(task.task_id, task.round, encode_message(message), now + self.config.result_ttl_s)
         self.store.record_participation(task.task_id, now)
         self.tasks_done += 1
+        if isinstance(message, ErrorMessage) and message.code == NonFiniteLoss.code and self._models is not None:
+            self._models.rollback(message.reason)
 
     def _stop_check(self, stored: InboxTask) -> Callable[[], bool]:
         """Asked at every step boundary: stop when a condition is lost or the deadline passed."""
@@ -375,7 +385,9 @@ class Agent:
         except ProtocolError:
             self._deferred.append(inbound.payload)  # handle_payload logs it in order
             return
-        if isinstance(message, ChunkMessage | ChunkAck) and message.device_id == self.config.device_id:
+        if self._models is not None and self._models.accepts(message):
+            self._models.handle(message)  # model chunks are acknowledged as they arrive
+        elif isinstance(message, ChunkMessage | ChunkAck) and message.device_id == self.config.device_id:
             whole = self._link.handle(message, self.config.topics.results(self.config.device_id))
             if whole is not None:
                 self._deferred.append(whole)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from edge_agent import __version__
 from edge_agent.codecs import CODEC_NAMES
 from edge_agent.device.eligibility import Decision
@@ -22,6 +24,7 @@ def status_message(
     num_examples: int = 0,
     decision: Decision | None = None,
     state: DeviceState | None = None,
+    install: dict[str, Any] | None = None,
 ) -> StatusMessage:
     """The device's STATUS: capabilities while online, and its last eligibility decision if any."""
     return StatusMessage(
@@ -33,6 +36,7 @@ def status_message(
         capabilities=CAPABILITIES if online else {},
         eligibility=decision.as_dict() if decision is not None else {},
         device_state=state.as_dict() if state is not None else {},
+        install=install or {},
     )
 
 

@@ -29,7 +29,7 @@ from edge_agent.device.load import ort_threads
 from edge_agent.device.monitor import MonitorConfig, ResourceMonitor
 from edge_agent.errors import BundleError, ConfigError, StorageError, TransportError
 from edge_agent.gate import working_set
-from edge_agent.ota import InstalledModel, ModelStore
+from edge_agent.ota import DownloadStaging, InstalledModel, ModelStore, ModelUpdater
 from edge_agent.protocol.manifest import load_manifest
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
@@ -65,10 +65,16 @@ class DevicePaths:
     models: Path
     store: Path
     data_cache: Path
+    downloads: Path
 
     @classmethod
     def of(cls, state_dir: Path) -> DevicePaths:
-        return cls(models=state_dir / "models", store=state_dir / "agent.db", data_cache=state_dir / "data-cache")
+        return cls(
+            models=state_dir / "models",
+            store=state_dir / "agent.db",
+            data_cache=state_dir / "data-cache",
+            downloads=state_dir / "downloads",
+        )
 
 
 def validator(x: Any, y: Any) -> Any:
@@ -85,13 +91,14 @@ def validator(x: Any, y: Any) -> Any:
     return validate
 
 
-def installed_model(config: AgentFileConfig, x: Any, y: Any) -> InstalledModel:
-    """The model to run: the store's current one, or the configured bundle installed as version 1."""
-    store = ModelStore(DevicePaths.of(config.state_dir).models).open()
+def installed_model(store: ModelStore, config: AgentFileConfig, x: Any, y: Any) -> InstalledModel:
+    """The model to run: the store's current one, or the configured bundle installed as version 0
+    (so that any version the server announces, from 1 on, replaces it if its digest differs)."""
+    store.open()
     current = store.current()
     if current is not None:
         return current
-    report = store.install_directory(1, config.bundle, validate=validator(x, y))
+    report = store.install_directory(0, config.bundle, validate=validator(x, y))
     if not report.ok:
         raise BundleError(f"cannot install {config.bundle} as the first model: {report.stage}: {report.reason}")
     current = store.current()
@@ -112,9 +119,11 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         raise StorageError(f"cannot create state_dir {config.state_dir}: {exc.strerror or exc}") from exc
     paths = DevicePaths.of(config.state_dir)
     split = open_data(config.data, cache_dir=paths.data_cache)
-    model = installed_model(config, split.train.x, split.train.y)
+    models = ModelStore(paths.models)
+    model = installed_model(models, config, split.train.x, split.train.y)
     bundle = Bundle.open(model.path)
-    trainer = OrtTrainer.open(bundle, threads=ort_threads(config.policy.load, os.cpu_count()), lazy=True)
+    threads = ort_threads(config.policy.load, os.cpu_count())
+    trainer = OrtTrainer.open(bundle, threads=threads, lazy=True)
     trainer.check_data(split.train.x, split.train.y)  # fail now, not at the first task
     monitor = ResourceMonitor(
         MonitorConfig(interval_s=config.monitor_interval_s, state_dir=config.state_dir, network=config.network)
@@ -139,6 +148,14 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         monitor=monitor,
         policy=config.policy,
         validation=split.validation,
+        updater=ModelUpdater(
+            config.device_id,
+            agent_config.topics,
+            models,
+            DownloadStaging(paths.downloads),
+            validator(split.train.x, split.train.y),
+        ),
+        open_trainer=lambda new: OrtTrainer.open(new, threads=threads, lazy=True),
     )
     with monitor:
         if not start_when_reachable(agent, stop, config.mqtt.url):

@@ -112,6 +112,8 @@ class StatusMessage:
     eligibility: dict[str, Any] = field(default_factory=dict)
     #: optional: the sensor snapshot behind it (edge_agent.device.state.DeviceState.as_dict)
     device_state: dict[str, Any] = field(default_factory=dict)
+    #: optional: the outcome of the device's last model install or rollback (docs/protocol.md §8.5)
+    install: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,6 +217,8 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             header["eligibility"] = message.eligibility
         if message.device_state:
             header["device_state"] = message.device_state
+        if message.install:
+            header["install"] = message.install
         return STATUS, _base(message.device_id, -1, "") | header, None
     if isinstance(message, TaskMessage):
         header = {
@@ -297,6 +301,7 @@ def _decode_status(h: Header, payload: memoryview) -> StatusMessage:
         capabilities=h.dict_field("capabilities"),
         eligibility=h.dict_field("eligibility") if "eligibility" in h.raw else {},
         device_state=h.dict_field("device_state") if "device_state" in h.raw else {},
+        install=h.dict_field("install") if "install" in h.raw else {},
     )
 
 

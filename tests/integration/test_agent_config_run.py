@@ -118,7 +118,7 @@ def test_agent_from_its_config_file_trains_two_rounds_and_stops_on_sigterm(mosqu
 
         state = tmp_path / "state"
         pointer = json.loads((state / "models" / "current.json").read_text())
-        assert pointer["current"]["version"] == 1
+        assert pointer["current"]["version"] == 0
         assert pointer["current"]["digest"] == digits_bundle.digest
         assert (state / "agent.db").is_file()
         assert delivered(state / "agent.db", timeout_s=10) == (0, 2), log.read_text()
@@ -132,7 +132,7 @@ def test_agent_from_its_config_file_trains_two_rounds_and_stops_on_sigterm(mosqu
         )
         assert status.returncode == 0, status.stderr
         assert "0 results to upload, 2 delivered kept" in status.stdout, status.stdout
-        assert f"model: v1 {digits_bundle.digest[:12]}" in status.stdout, status.stdout
+        assert f"model: v0 {digits_bundle.digest[:12]}" in status.stdout, status.stdout
 
         message = retained_status(mosquitto.url, Topics(prefix).status(device_id), f"cfg-listener-{run}")
         assert message.online and message.device_id == device_id
@@ -149,6 +149,6 @@ def test_agent_from_its_config_file_trains_two_rounds_and_stops_on_sigterm(mosqu
             raise
     text = log.read_text()
     assert code == 0, text
-    assert f"installed {digits_bundle.directory} as model version 1" in text, text
+    assert f"installed {digits_bundle.directory} as model version 0" in text, text
     assert text.count("delivered result of task") == 2, text
     assert "Traceback" not in text, text
