@@ -127,14 +127,17 @@ class Agent:
             )
 
     def _install_report(self) -> dict[str, Any] | None:
-        report = self._models.last_report if self._models is not None else None
-        return report.as_dict() if report is not None else None
+        return self._models.install_status() if self._models is not None else None
 
     def _refresh_after_reconnect(self) -> None:
-        """A transport's birth STATUS carries the start-up model: after a switch, correct it."""
+        """A transport's birth STATUS carries the start-up model and no eligibility or install
+        report: after a reconnect, publish the current ones again."""
         connected = bool(getattr(self._transport, "is_connected", lambda: True)())
-        if connected and not self._connected and self._start_digest != self.runner.trainer.bundle.digest:
-            self._publish_status(online=True)
+        if connected and not self._connected:
+            self._reported.clear()  # the next eligibility check publishes again
+            if self._start_digest != self.runner.trainer.bundle.digest or self._install_report() is not None:
+                self._publish_status(online=True)
+            self._last_idle_check = -math.inf
         self._connected = connected
 
     def _runner(self, trainer: OrtTrainer, data: Dataset) -> TaskRunner:
@@ -212,10 +215,8 @@ class Agent:
         )
 
     def run(self, stop: threading.Event | None = None, *, poll_s: float = 0.5) -> None:
-        """Serve tasks until ``stop`` is set or ``max_tasks`` tasks are done.
-
-        Setting ``stop`` during training pauses it at the next step boundary with a checkpoint,
-        so a restarted agent continues the task instead of starting it over."""
+        """Serve tasks until ``stop`` is set (training then pauses at its next step with a
+        checkpoint, continued after a restart) or ``max_tasks`` tasks are done."""
         self._stop = stop
         limit = self.config.max_tasks
         while (stop is None or not stop.is_set()) and (limit is None or self.tasks_done < limit):
@@ -267,8 +268,8 @@ class Agent:
             self.store.purge(now)
             self._last_purge = now
         state = self.gate.state()
+        self._refresh_after_reconnect()
         if self._models is not None:
-            self._refresh_after_reconnect()
             self._models.tick()
         self._upload_due(state, now)
         pending = self.store.pending_tasks(now)
@@ -277,8 +278,7 @@ class Agent:
             self._train(pending[0], state)
             self._upload_due(self.gate.state(), self._wall_clock())
         elif self._clock() - self._last_idle_check >= IDLE_CHECK_S:
-            # keep the server's view current while no task is waiting: a device that reported
-            # "cannot train" is not selected until it reports otherwise
+            # keep the server's view current: a device that said "cannot train" is not selected
             self._last_idle_check = self._clock()
             self._report(self.gate.check("train", state, working_set_bytes=self._work.at(2)))
 

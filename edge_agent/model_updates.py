@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from edge_agent.errors import TransportError
 from edge_agent.ota import InstallReport, ModelUpdater
 from edge_agent.protocol.messages import Message
 
@@ -43,13 +45,17 @@ class ModelUpdates:
     def topic(self) -> str:
         return self.updater.channel_topic
 
+    def install_status(self) -> dict[str, Any] | None:
+        """:attr:`last_report` as STATUS carries it (``install``)."""
+        return self.last_report.as_dict() if self.last_report is not None else None
+
     def accepts(self, message: Message) -> bool:
         return self.updater.accepts(message)
 
     def handle(self, message: Message) -> None:
         reply, report = self.updater.handle(message, may_download=self._may_download())
         if reply is not None:
-            self._publish(self.updater.results_topic, reply)
+            self._send(reply)
         if report is not None:
             self._after(report)
 
@@ -59,7 +65,7 @@ class ModelUpdates:
             return
         fetch = self.updater.due_fetch(self._may_download())
         if fetch is not None:
-            self._publish(self.updater.results_topic, fetch)
+            self._send(fetch)
 
     def rollback(self, reason: str) -> None:
         """Back to the previous model (the running one trains to a non-finite loss)."""
@@ -68,14 +74,23 @@ class ModelUpdates:
             return
         self._after(self.updater.rollback(reason))
 
+    def _send(self, envelope: bytes) -> None:
+        try:
+            self._publish(self.updater.results_topic, envelope)
+        except TransportError as exc:  # a FETCH is asked again after its timeout; a lost ack, re-sent
+            log.warning("cannot publish to %s: %s", self.updater.results_topic, exc.reason)
+
     def _after(self, report: InstallReport) -> None:
         self.last_report = report
-        if not report.ok:
-            log.warning("model v%s not installed (%s): %s", report.version, report.stage, report.reason)
-            self._report()
-            return
-        current = self.updater.store.current()
-        if current is None:  # pragma: no cover - the store just reported success
-            return
-        log.info("running model v%d %s… now (%s)", current.version, current.digest[:12], report.stage)
-        self._switch(current.path)
+        try:
+            if not report.ok:
+                log.warning("model v%s not installed (%s): %s", report.version, report.stage, report.reason)
+                self._report()
+                return
+            current = self.updater.store.current()
+            if current is None:  # pragma: no cover - the store just reported success
+                return
+            log.info("running model v%d %s… now (%s)", current.version, current.digest[:12], report.stage)
+            self._switch(current.path)
+        except TransportError as exc:  # the STATUS only (the switch is done); re-sent after a reconnect
+            log.warning("cannot publish the install report: %s", exc.reason)
