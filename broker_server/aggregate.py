@@ -59,6 +59,21 @@ class WeightedMean:
         self.count += 1
         return info
 
+    def sums(self) -> Tensors:
+        """Copies of the float64 weighted sums ``sum(w_i * t_i)`` (a checkpoint of the mean)."""
+        return {name: acc.copy() for name, acc in self._sums.items()}
+
+    @classmethod
+    def restore(cls, sums: Mapping[str, np.ndarray], *, total_weight: float, count: int) -> WeightedMean:
+        """The mean as checkpointed by :meth:`sums`, ``total_weight`` and ``count``."""
+        if count < 0 or total_weight < 0 or (count > 0 and not sums):
+            raise ValueError(f"inconsistent checkpoint: {count} updates, {len(sums)} sums, weight {total_weight}")
+        mean = cls()
+        mean._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
+        mean.total_weight = float(total_weight)
+        mean.count = int(count)
+        return mean
+
     def result(self) -> Tensors:
         if self.count == 0:
             raise ValueError("no updates were added")

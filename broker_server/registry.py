@@ -1,4 +1,9 @@
-"""Which devices exist and which are online, learned from their retained status messages."""
+"""Which devices exist and which are online, learned from their retained status messages.
+
+A device's class (for stratified selection, :func:`broker_server.selection.select`) is the
+``device_class`` its STATUS capabilities announce, if it announces one; otherwise
+:data:`DEFAULT_DEVICE_CLASS`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.protocol.messages import StatusMessage
+
+#: the class of a device that announces none (or an unusable one)
+DEFAULT_DEVICE_CLASS = "default"
+#: a longer announced class is ignored (it is a label, and selection keeps one list per class)
+MAX_CLASS_LENGTH = 64
+
+
+def device_class_of(capabilities: dict[str, Any]) -> str:
+    """The ``device_class`` a STATUS announces: a non-empty string of at most 64 characters."""
+    value = capabilities.get("device_class")
+    if isinstance(value, str) and 0 < len(value) <= MAX_CLASS_LENGTH:
+        return value
+    return DEFAULT_DEVICE_CLASS
 
 
 @dataclass(frozen=True)
@@ -18,6 +36,9 @@ class DeviceRecord:
     last_seen: float
     #: the device's last eligibility decision as it reported it (STATUS ``eligibility``; {} = none)
     eligibility: dict[str, Any] = field(default_factory=dict)
+    #: what the device announced it speaks (STATUS ``capabilities``; {} while offline)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    device_class: str = DEFAULT_DEVICE_CLASS
 
     @property
     def declines(self) -> bool:
@@ -44,6 +65,8 @@ class DeviceRegistry:
             agent_version=status.agent_version,
             last_seen=now,
             eligibility=eligibility,
+            capabilities=dict(status.capabilities),
+            device_class=device_class_of(status.capabilities),
         )
 
     def eligible(self, bundle_digest: str) -> list[str]:
@@ -53,6 +76,14 @@ class DeviceRegistry:
             d.device_id
             for d in self._devices.values()
             if d.online and d.bundle_digest == bundle_digest and not d.declines
+        )
+
+    def candidates(self, bundle_digest: str) -> list[DeviceRecord]:
+        """Online devices that hold ``bundle_digest``, sorted by id; unlike :meth:`eligible` this
+        includes devices that declined, so selection can say why it left them out."""
+        return sorted(
+            (d for d in self._devices.values() if d.online and d.bundle_digest == bundle_digest),
+            key=lambda d: d.device_id,
         )
 
     def get(self, device_id: str) -> DeviceRecord | None:

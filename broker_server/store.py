@@ -1,5 +1,8 @@
 """Every global model version on disk: ``{root}/v{version:06d}/weights.fft`` + ``meta.json``.
 
+Files for people, scripts and plots; a restartable server keeps its state in the server store
+(:mod:`broker_server.persistence`), which this directory may lag behind after a crash.
+
 A version directory is written under a temporary name and renamed into place, so a killed
 server leaves either a complete version or none.
 """
@@ -38,6 +41,9 @@ class ModelStore:
         (tmp / "meta.json").write_text(json.dumps({"version": version, **meta}, indent=2, sort_keys=True))
         os.replace(tmp, target)
         return target
+
+    def has(self, version: int) -> bool:
+        return self.path(version).is_dir()
 
     def versions(self) -> list[int]:
         if not self.root.is_dir():

@@ -13,13 +13,12 @@ import logging
 import signal
 import sys
 import threading
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from edge_agent.errors import ConfigError, FedflockError
-from fedflock.export_options import add_export_options, export_kwargs, floats
+from fedflock.broker_cli import add_broker_arguments, run_broker
+from fedflock.export_options import add_export_options, export_kwargs
 
 log = logging.getLogger("fedflock")
 
@@ -90,36 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--no-error-feedback", action="store_true", help="do not carry the codec's residual over")
 
     broker = sub.add_parser("broker", help="run the aggregation server")
-    broker.add_argument("--bundle", type=Path, required=True)
-    broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
-    broker.add_argument("--topic-prefix", default="fedflock/v1")
-    broker.add_argument("--rounds", type=int, default=20)
-    broker.add_argument("--clients-per-round", type=int, default=10)
-    broker.add_argument("--min-clients", type=int, default=2)
-    broker.add_argument("--min-reports", type=int, default=1)
-    broker.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
-    broker.add_argument("--wait-for-clients", type=float, default=300.0, help="seconds")
-    broker.add_argument("--local-epochs", type=int, default=2)
-    broker.add_argument("--batch-size", type=int, default=16)
-    broker.add_argument("--lr", type=float, default=0.05)
-    broker.add_argument("--seed", type=int, default=0)
-    broker.add_argument("--test-data", type=Path, default=None, help=".npz held-out set for evaluation")
-    broker.add_argument(
-        "--hyperparameter",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE[,VALUE...]",
-        help="sent in every task, e.g. fedprox_mu=0.01 or class_weights=1,5",
-    )
-    broker.add_argument("--freeze", action="append", default=[], metavar="TENSOR", help="freeze in every task")
-    broker.add_argument(
-        "--codecs",
-        default="int8,fp16,fp32",
-        help="update codecs devices may use, in order of preference (fp32 fp16 int8 int8-channel int4 int2 "
-        "sign topk:F topk-int8:F, optional +zstd)",
-    )
-    broker.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="chunk size for large transfers")
-    broker.add_argument("--out", type=Path, default=Path("fedflock-server"))
+    add_broker_arguments(broker)
 
     demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
     demo.add_argument("--devices", type=int, default=20)
@@ -218,66 +188,6 @@ def _run_agent_from_flags(args: argparse.Namespace) -> int:
     finally:
         agent.close()
     return 0
-
-
-def run_broker(args: argparse.Namespace) -> int:
-    from broker_server.server import FederatedServer, ServerConfig
-    from edge_agent.data import load_npz
-    from edge_agent.protocol.topics import Topics
-    from edge_agent.runtime.bundle import Bundle
-    from edge_agent.runtime.trainer import EvalResult, OrtTrainer
-    from fedflock.report import write_metrics
-    from fedflock.wiring import server_transport
-
-    config = ServerConfig(
-        rounds=args.rounds,
-        clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients,
-        min_reports=args.min_reports,
-        round_timeout_s=args.round_timeout,
-        wait_for_clients_s=args.wait_for_clients,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        topics=Topics(args.topic_prefix),
-        hyperparameters=_hyperparameters(args.hyperparameter),
-        frozen=tuple(args.freeze),
-        codecs=tuple(c for c in args.codecs.split(",") if c),
-        chunk_bytes=args.chunk_bytes,
-    )
-    bundle = Bundle.open(args.bundle)
-    evaluator = None
-    if args.test_data is not None:
-        test, trainer = load_npz(args.test_data), OrtTrainer.open(bundle, threads=2)
-
-        def evaluator(weights: dict[str, Any]) -> EvalResult:
-            return trainer.evaluate(weights, test.x, test.y)
-
-    transport = server_transport(args.mqtt_url, f"fedflock-server-{uuid.uuid4().hex[:8]}")
-    server = FederatedServer(transport, bundle, config, out_dir=args.out, evaluator=evaluator)
-    server.start()
-    try:
-        results = server.run()
-    finally:
-        server.close()
-    write_metrics(args.out, results, baseline=server.baseline)
-    print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {args.out}")
-    return 0
-
-
-def _hyperparameters(items: list[str]) -> dict[str, float | tuple[float, ...]]:
-    out: dict[str, float | tuple[float, ...]] = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--hyperparameter wants NAME=VALUE, got {item!r}")
-        try:
-            values = floats(text)
-        except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"--hyperparameter {name}: {exc}") from exc
-        out[name] = values[0] if len(values) == 1 else values
-    return out
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

@@ -4,15 +4,13 @@
 :meth:`ServerStore.record_acceptance`); :func:`restore_round` rebuilds the ``RoundState`` from a
 :class:`RoundSnapshot` after a restart, with the same sums, weight, count, accepted and failed
 tasks, so the round continues where it stopped and a re-sent update is recognised as a
-duplicate. ``WeightedMean`` has no public state accessors yet, so both read and set its
-accumulator here, in one place (see the module's ``_sums_of``/``_restore_mean``).
+duplicate. The streaming mean is read and rebuilt through its public checkpoint accessors
+(:meth:`WeightedMean.sums`, :meth:`WeightedMean.restore`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-import numpy as np
 
 from broker_server.aggregate import WeightedMean
 from broker_server.persistence.records import AggregateCheckpoint, RoundSnapshot
@@ -36,22 +34,10 @@ def result_key(message: UpdateMessage | ErrorMessage) -> str:
     return f"{message.device_id}/{message.task_id}/error"
 
 
-def _sums_of(mean: WeightedMean) -> dict[str, np.ndarray]:
-    return mean._sums
-
-
-def _restore_mean(checkpoint: AggregateCheckpoint) -> WeightedMean:
-    mean = WeightedMean()
-    mean._sums = {name: np.array(value, dtype=np.float64) for name, value in checkpoint.sums.items()}
-    mean.total_weight = checkpoint.total_weight
-    mean.count = checkpoint.count
-    return mean
-
-
 def checkpoint_of(state: RoundState) -> AggregateCheckpoint:
     """A copy of ``state``'s aggregate (later updates do not change it)."""
     return AggregateCheckpoint(
-        sums={name: acc.copy() for name, acc in _sums_of(state.mean).items()},
+        sums=state.mean.sums(),
         total_weight=state.mean.total_weight,
         count=state.mean.count,
         accepted=frozenset(state.accepted),
@@ -83,7 +69,7 @@ def restore_round(
         tasks=dict(record.tasks),
         specs=specs,
         codecs=frozenset(codecs),
-        mean=_restore_mean(checkpoint),
+        mean=WeightedMean.restore(checkpoint.sums, total_weight=checkpoint.total_weight, count=checkpoint.count),
         accepted=set(snapshot.accepted),
         failed=snapshot.failed,
         metric_sums=dict(checkpoint.metric_sums),

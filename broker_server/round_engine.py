@@ -1,0 +1,300 @@
+"""The synchronous round loop: choose devices, send TASKs, collect results, close the round.
+
+One round (:meth:`RoundEngine.run_round`):
+
+1. :class:`~broker_server.participation.RoundSelector` chooses devices from the registry's
+   candidates (over-selection, device classes, participation budget); a device that declined
+   is never chosen. Too few: the round is skipped (stored as abandoned, model unchanged).
+2. The strategy configures the round's TASKs (:class:`~broker_server.round_plan.RoundPlan`),
+   the round is stored, and every chosen device gets a TASK with the current shared weights.
+3. Results are collected until :func:`~broker_server.selection.round_outcome` decides: the
+   round completes as soon as it has the updates it wants even if over-selected devices are
+   still training, or at the deadline with at least ``min_reports``; otherwise it is abandoned.
+   Every accepted update is committed to the journal before the next message is handled.
+4. A completed round's mean delta goes through ``strategy.apply`` (buffers averaged plainly)
+   to make the next model version, stored with the strategy's state.
+
+Results for the round that closed last are *late*: route_late_update drops them (counted in
+:attr:`RoundEngine.late_updates`); the asynchronous FedBuff path is not wired yet.
+:meth:`RoundEngine.resume` continues a round restored from the store until its stored deadline,
+re-sending TASKs to its outstanding devices (agents answer a known task id with their stored
+result, so nothing is trained or counted twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from broker_server.journal import OpenRound, RoundJournal
+from broker_server.participation import RoundSelector
+from broker_server.registry import DeviceRegistry
+from broker_server.round_plan import RoundPlan
+from broker_server.rounds import RoundState
+from broker_server.selection import Complete, Dropped, Wait, round_outcome, route_late_update
+from broker_server.server_config import RoundResult, ServerConfig
+from broker_server.strategies import Strategy, plain_tensor_names
+from edge_agent.errors import ContractViolation, ProtocolError
+from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
+from edge_agent.protocol.tensors import encode_tensors
+from edge_agent.runtime.bundle import Bundle
+from edge_agent.runtime.trainer import EvalResult
+from edge_agent.transfer import TransferLink
+from edge_agent.transport.base import Transport
+
+__all__ = ["LiveRound", "RoundEngine"]
+
+log = logging.getLogger("fedflock.server")
+
+Tensors = dict[str, np.ndarray]
+Evaluator = Callable[[Tensors], EvalResult]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveRound:
+    """A round being collected: as stored, plus its times on the server's (monotonic) clock."""
+
+    opened: OpenRound
+    started: float
+    deadline: float
+
+    @property
+    def state(self) -> RoundState:
+        return self.opened.state
+
+
+class RoundEngine:
+    """Owns the global model (``weights``, ``model_version``) and runs rounds on it."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        bundle: Bundle,
+        *,
+        transport: Transport,
+        link: TransferLink,
+        registry: DeviceRegistry,
+        strategy: Strategy,
+        journal: RoundJournal,
+        selector: RoundSelector,
+        pump: Callable[[float], None],
+        evaluator: Evaluator | None,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.config, self.bundle, self.strategy = config, bundle, strategy
+        self.weights: Tensors = {}
+        self.model_version = 0
+        #: the round being collected, and the last one closed (its stragglers are late)
+        self.current: LiveRound | None = None
+        self.closed: RoundState | None = None
+        #: updates dropped because their round had closed (e.g. over-selected stragglers)
+        self.late_updates = 0
+        self._transport, self._link, self._registry = transport, link, registry
+        self._journal, self._selector, self._pump = journal, selector, pump
+        self._evaluator, self._clock, self._wall_clock = evaluator, clock, wall_clock
+        self._plain = plain_tensor_names(bundle.manifest)
+        #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
+        self._downloads: list[str] = []
+
+    def plan(self, number: int, *, wanted: int) -> RoundPlan:
+        return RoundPlan.make(
+            self.config, self.strategy.configure_task(number), wanted=wanted, strategy=self.strategy.name
+        )
+
+    # -- one round -------------------------------------------------------------------------------
+
+    def run_round(self, number: int, *, started: float) -> RoundResult:
+        """Select, send, collect and close round ``number`` (``started``: when it began waiting)."""
+        config = self.config
+        now = self._wall_clock()
+        selection = self._selector.choose(number, self._registry.candidates(self.bundle.digest), now=now)
+        if selection.eligible < config.min_clients:
+            budget = Counter(selection.excluded.values())["over_budget"]
+            over = f" ({budget} more over their participation budget)" if budget else ""
+            reason = f"only {selection.eligible} eligible devices online{over}, need {config.min_clients}"
+            self._journal.round_skipped(number, self.model_version, reason)
+            return self._result(number, None, started, completed=False, reason=reason)
+        plan = self.plan(number, wanted=selection.wanted)
+        state = RoundState(
+            round=number,
+            model_version=self.model_version,
+            tasks={f"r{number}-{uuid.uuid4().hex[:12]}": device_id for device_id in selection.chosen},
+            specs=self.bundle.manifest.aggregated_tensors,
+            codecs=plan.codec_names,
+        )
+        opened = OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s)
+        self._journal.round_opened(opened)
+        self._selector.record(number, selection.chosen, now=now)
+        if self._selector.budgeted:
+            self._journal.save_setting(RoundSelector.SETTING, self._selector.to_json())
+        live = LiveRound(opened=opened, started=started, deadline=self._clock() + plan.timeout_s)
+        self._send_tasks(live, state.tasks)
+        return self._collect_and_close(live)
+
+    def resume(self, opened: OpenRound) -> RoundResult:
+        """Collect a round restored from the store until its stored (wall-clock) deadline."""
+        now, wall = self._clock(), self._wall_clock()
+        live = LiveRound(
+            opened=opened,
+            started=now - max(wall - opened.created_at, 0.0),
+            deadline=now + max(opened.deadline - wall, 0.0),
+        )
+        state = opened.state
+        outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
+        log.info(
+            "resuming round %d: %d updates stored, re-sending %d tasks, %.0fs left",
+            state.round,
+            len(state.accepted),
+            len(outstanding),
+            live.deadline - now,
+        )
+        self._send_tasks(live, outstanding)
+        return self._collect_and_close(live)
+
+    def _send_tasks(self, live: LiveRound, tasks: Mapping[str, str]) -> None:
+        deadline_s = live.deadline - self._clock()
+        if not tasks or deadline_s <= 0:
+            return
+        # once per round, not once per device; personal tensors never leave their devices
+        shared = self.bundle.manifest.shared_model_tensors
+        weights = encode_tensors({t.name: self.weights[t.name] for t in shared})
+        chunk = self.config.chunk_bytes
+        for task_id, device_id in tasks.items():
+            task = live.opened.plan.task(
+                device_id=device_id,
+                round=live.state.round,
+                task_id=task_id,
+                model_version=live.state.model_version,
+                bundle_digest=self.bundle.digest,
+                deadline_s=deadline_s,
+            )
+            envelope = encode_message(task, payload=weights)
+            topic = self.config.topics.tasks(device_id)
+            if len(envelope) <= chunk:
+                self._transport.publish(topic, envelope, qos=1)
+            else:
+                self._downloads.append(
+                    self._link.send(
+                        topic, envelope, device_id=device_id, round=task.round, task_id=task_id, chunk_size=chunk
+                    )
+                )
+
+    def _collect_and_close(self, live: LiveRound) -> RoundResult:
+        self.current = live
+        state = live.state
+        try:
+            while True:
+                outstanding = len(state.tasks) - len(state.accepted) - len(state.failed)
+                outcome = round_outcome(
+                    len(state.accepted),
+                    wanted=live.opened.plan.wanted,
+                    min_reports=self.config.min_reports,
+                    outstanding=outstanding,
+                    deadline_passed=self._clock() >= live.deadline,
+                )
+                if not isinstance(outcome, Wait):
+                    break
+                self._pump(min(0.25, max(live.deadline - self._clock(), 0.0)))
+        finally:
+            self.current, self.closed = None, state
+            for transfer in self._downloads:
+                self._link.forget(transfer)
+            self._downloads.clear()
+        if not isinstance(outcome, Complete):
+            self._journal.abandoned(state.round, outcome.reason)
+            return self._result(state.round, state, live.started, completed=False, reason=outcome.reason)
+        if outcome.early and outstanding:
+            log.info("round %d: %d devices still training; their updates will be dropped", state.round, outstanding)
+        return self._complete(live)
+
+    def _complete(self, live: LiveRound) -> RoundResult:
+        state, number = live.state, live.state.round
+        weights = self.strategy.apply(self.weights, state.mean.result(), round=number, plain=self._plain)
+        test = self._evaluator(weights) if self._evaluator is not None else None
+        result = self._result(number, state, live.started, completed=True, test=test, version=self.model_version + 1)
+        self._journal.completed(
+            number,
+            version=result.model_version,
+            parent=self.model_version,
+            bundle_digest=self.bundle.digest,
+            weights=weights,
+            metrics=asdict(result),
+            strategy=self.strategy,
+        )
+        self.weights, self.model_version = weights, result.model_version
+        return result
+
+    def _result(
+        self,
+        number: int,
+        state: RoundState | None,
+        started: float,
+        *,
+        completed: bool,
+        reason: str = "",
+        test: EvalResult | None = None,
+        version: int | None = None,
+    ) -> RoundResult:
+        return RoundResult(
+            round=number,
+            model_version=self.model_version if version is None else version,
+            selected=len(state.tasks) if state else 0,
+            reported=len(state.accepted) if state else 0,
+            failed=len(state.failed) if state else 0,
+            num_examples=state.num_examples if state else 0,
+            duration_s=self._clock() - started,
+            completed=completed,
+            reason=reason,
+            train_metrics=state.mean_metrics() if state and completed else {},
+            test_loss=test.loss if test else None,
+            test_accuracy=test.accuracy if test else None,
+        )
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def on_result(self, message: UpdateMessage | ErrorMessage) -> None:
+        """An UPDATE or ERROR from a device; raises ProtocolError for one that is not acceptable."""
+        live, closed = self.current, self.closed
+        if live is not None and message.round == live.state.round:
+            self._accept(live.state, message)
+        elif closed is not None and message.round == closed.round:
+            self._late(message, closed)
+        elif live is not None:
+            self._accept(live.state, message)  # ContractViolation for another round's result
+        else:
+            raise ProtocolError(f"result for round {message.round} arrived while no round is open")
+
+    def _accept(self, state: RoundState, message: UpdateMessage | ErrorMessage) -> None:
+        if isinstance(message, UpdateMessage):
+            if not state.accept_update(message):
+                log.info("duplicate update for task %s from %s ignored", message.task_id, message.device_id)
+                return
+            self._journal.accepted(state, message)
+        else:
+            if not state.record_error(message):
+                return
+            self._journal.failed(state, message)
+            log.warning(
+                "device %s failed task %s (%s): %s", message.device_id, message.task_id, message.code, message.reason
+            )
+
+    def _late(self, message: UpdateMessage | ErrorMessage, closed: RoundState) -> None:
+        if closed.tasks.get(message.task_id) != message.device_id:
+            raise ContractViolation(
+                f"task {message.task_id!r} of round {closed.round} was not issued to {message.device_id!r}"
+            )
+        if message.task_id in closed.accepted or message.task_id in closed.failed:
+            log.info("duplicate result for task %s from %s ignored", message.task_id, message.device_id)
+        elif isinstance(message, UpdateMessage):
+            dropped = route_late_update(message, closed, policy="drop")  # "async" (FedBuff) is not wired yet
+            assert isinstance(dropped, Dropped)
+            self.late_updates += 1
+            log.info("late update from %s: %s", message.device_id, dropped.reason)
+        else:
+            log.info("late error from %s for task %s: %s", message.device_id, message.task_id, message.reason)

@@ -1,0 +1,134 @@
+"""The synchronous server's configuration and what it reports per round (frozen dataclasses).
+
+:class:`ServerConfig` is parsed once (by the CLI or the caller) and validated whole in its
+constructor: a bad strategy table or selection setting is a :class:`ConfigError` before anything
+connects. ``rounds`` counts the rounds of the whole federation: a server resumed from its store
+continues the numbering and stops after round ``rounds``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker_server.selection import SelectionPolicy
+from broker_server.strategies import FedAvg, FedAvgConfig, Strategy, parse_strategy
+from edge_agent.codecs import CodecSpec
+from edge_agent.errors import ConfigError
+from edge_agent.protocol.messages import MIN_CHUNK_BYTES
+from edge_agent.protocol.topics import Topics
+
+__all__ = ["Rejection", "RoundResult", "ServerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    rounds: int = 20
+    #: updates a round wants (it completes as soon as this many arrived)
+    clients_per_round: int = 10
+    #: A round starts once this many eligible devices are online ...
+    min_clients: int = 2
+    #: ... waiting at most this long for them.
+    wait_for_clients_s: float = 60.0
+    #: A round is abandoned (model unchanged) with fewer updates than this by the deadline.
+    min_reports: int = 1
+    #: from the moment a round's TASKs are sent
+    round_timeout_s: float = 60.0
+    local_epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    #: η of the default strategy (FedAvg); a ``strategy`` table sets its own ``server_lr``
+    server_lr: float = 1.0
+    seed: int = 0
+    topics: Topics = Topics()
+    #: sent in every TASK: values for the bundle's graph-input hyper-parameters (e.g. class_weights);
+    #: the strategy's own (e.g. FedProx's fedprox_mu) take precedence
+    hyperparameters: dict[str, float | tuple[float, ...]] = field(default_factory=dict)
+    #: sent in every TASK: tensors to freeze (bundles exported with trainable masks)
+    frozen: tuple[str, ...] = ()
+    #: update codecs devices may use, in the server's order of preference (edge_agent.codecs);
+    #: each device picks from these by its network type. fp32 keeps updates exact.
+    codecs: tuple[str, ...] = ("int8", "fp16", "fp32")
+    #: largest CHUNK payload for transfers to and from devices (below a 1 MB broker packet limit)
+    chunk_bytes: int = 256 * 1024
+    #: start() announces the server's bundle as ``model_version`` on this model channel (None: not)
+    model_channel: str | None = "current"
+    model_version: int = 1
+    #: the server strategy as a table (broker_server.strategies.parse_strategy), e.g.
+    #: ``{"name": "fedadam", "server_lr": 0.01}``; {} is FedAvg with ``server_lr``
+    strategy: Mapping[str, Any] = field(default_factory=dict)
+    #: select ``ceil(over_selection × clients_per_round)`` devices; the round completes with the
+    #: first ``clients_per_round`` updates and drops the stragglers' late ones
+    over_selection: float = 1.0
+    #: split each selection across device classes (STATUS capabilities ``device_class``)
+    stratify: bool = False
+    #: a device takes part in at most this many rounds per ``budget_window_s`` (give both or neither)
+    max_rounds_per_window: int | None = None
+    budget_window_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
+            raise ConfigError("rounds, clients_per_round, local_epochs and batch_size must be >= 1")
+        if not self.min_clients >= 1:
+            raise ConfigError("min_clients must be >= 1")
+        if not 1 <= self.min_reports <= self.clients_per_round:
+            raise ConfigError("min_reports must be between 1 and clients_per_round")
+        if self.round_timeout_s <= 0 or self.lr <= 0:
+            raise ConfigError("round_timeout_s and lr must be positive")
+        if not self.codecs:
+            raise ConfigError("codecs must name at least one update codec (e.g. fp32)")
+        for name in self.codecs:
+            CodecSpec.parse(name)  # raises ConfigError naming the valid codecs
+        if self.chunk_bytes < MIN_CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be >= {MIN_CHUNK_BYTES}")
+        if self.model_channel is not None:
+            self.topics.model_channel(self.model_channel)  # raises ConfigError for a bad name
+        if self.model_version < 1:
+            raise ConfigError("model_version must be >= 1")
+        if (self.max_rounds_per_window is None) != (self.budget_window_s is None):
+            raise ConfigError("give both max_rounds_per_window and budget_window_s, or neither")
+        if self.budget_window_s is not None and not (math.isfinite(self.budget_window_s) and self.budget_window_s > 0):
+            raise ConfigError(f"budget_window_s must be a positive number, got {self.budget_window_s!r}")
+        if self.strategy and self.server_lr != 1.0:
+            raise ConfigError("server_lr applies to the default FedAvg; set server_lr in the strategy table instead")
+        self.selection_policy()  # ConfigError for a bad over_selection or budget
+        self.make_strategy()  # ConfigError naming the bad strategy key
+
+    def selection_policy(self) -> SelectionPolicy:
+        return SelectionPolicy(
+            k=self.clients_per_round,
+            over_selection=self.over_selection,
+            stratify=self.stratify,
+            max_rounds_per_window=self.max_rounds_per_window,
+        )
+
+    def make_strategy(self) -> Strategy:
+        """A fresh strategy as configured (``strategy`` table, or FedAvg with ``server_lr``)."""
+        if not self.strategy:
+            return FedAvg(FedAvgConfig(server_lr=self.server_lr))
+        return parse_strategy(self.strategy)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    device_id: str
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundResult:
+    round: int
+    model_version: int
+    selected: int
+    reported: int
+    failed: int
+    num_examples: int
+    duration_s: float
+    completed: bool
+    reason: str = ""
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    test_loss: float | None = None
+    test_accuracy: float | None = None

@@ -1,0 +1,186 @@
+"""``fedflock broker``: its arguments, parsed once into a :class:`ServerConfig`, and the run.
+
+The federation is durable with ``--store`` (``sqlite:///path/server.db`` or
+``postgresql://...``): every accepted update is committed, and the same command run again after
+a crash or a restart resumes the federation (the open round continues until its deadline, the
+round numbering goes on, and ``--rounds`` counts the rounds of the whole federation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_agent.errors import ConfigError
+from fedflock.export_options import floats
+
+if TYPE_CHECKING:
+    from broker_server.server_config import ServerConfig
+
+
+def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
+    broker.add_argument("--bundle", type=Path, required=True)
+    broker.add_argument("--mqtt-url", default="mqtt://127.0.0.1:1883")
+    broker.add_argument("--topic-prefix", default="fedflock/v1")
+    broker.add_argument("--rounds", type=int, default=20, help="rounds of the whole federation (resumes count on)")
+    broker.add_argument("--clients-per-round", type=int, default=10, help="updates a round wants")
+    broker.add_argument("--min-clients", type=int, default=2)
+    broker.add_argument("--min-reports", type=int, default=1)
+    broker.add_argument("--round-timeout", type=float, default=60.0, help="seconds")
+    broker.add_argument("--wait-for-clients", type=float, default=300.0, help="seconds")
+    broker.add_argument("--local-epochs", type=int, default=2)
+    broker.add_argument("--batch-size", type=int, default=16)
+    broker.add_argument("--lr", type=float, default=0.05)
+    broker.add_argument("--seed", type=int, default=0)
+    broker.add_argument("--test-data", type=Path, default=None, help=".npz held-out set for evaluation")
+    broker.add_argument(
+        "--hyperparameter",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,VALUE...]",
+        help="sent in every task, e.g. class_weights=1,5 (a strategy's own, like fedprox_mu, take precedence)",
+    )
+    broker.add_argument("--freeze", action="append", default=[], metavar="TENSOR", help="freeze in every task")
+    broker.add_argument(
+        "--codecs",
+        default="int8,fp16,fp32",
+        help="update codecs devices may use, in order of preference (fp32 fp16 int8 int8-channel int4 int2 "
+        "sign topk:F topk-int8:F, optional +zstd)",
+    )
+    broker.add_argument("--chunk-bytes", type=int, default=256 * 1024, help="chunk size for large transfers")
+    broker.add_argument(
+        "--strategy",
+        default=None,
+        metavar="NAME",
+        help="server strategy: fedavg (default), fedprox, fedavgm, fedadagrad, fedadam, fedyogi",
+    )
+    broker.add_argument(
+        "--strategy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a strategy setting, e.g. server_lr=0.01, mu=0.1, beta1=0.9 (repeatable)",
+    )
+    broker.add_argument(
+        "--over-selection",
+        type=float,
+        default=1.0,
+        help="select this many times --clients-per-round devices; a round completes with the first updates",
+    )
+    broker.add_argument("--stratify", action="store_true", help="split each selection across device classes")
+    broker.add_argument(
+        "--max-rounds-per-window", type=int, default=None, help="participation budget: rounds per device per window"
+    )
+    broker.add_argument("--budget-window", type=float, default=None, metavar="SECONDS", help="the budget's window")
+    broker.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="durable server state, resumed on restart: sqlite:///path/server.db or postgresql://...",
+    )
+    broker.add_argument("--out", type=Path, default=Path("fedflock-server"), help="model files, metrics and plots")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`ServerConfig` the parsed arguments describe (``ConfigError`` if they do not)."""
+    from broker_server.server_config import ServerConfig
+    from edge_agent.protocol.topics import Topics
+
+    return ServerConfig(
+        rounds=args.rounds,
+        clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients,
+        min_reports=args.min_reports,
+        round_timeout_s=args.round_timeout,
+        wait_for_clients_s=args.wait_for_clients,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        topics=Topics(args.topic_prefix),
+        hyperparameters=hyperparameters(args.hyperparameter),
+        frozen=tuple(args.freeze),
+        codecs=tuple(c for c in args.codecs.split(",") if c),
+        chunk_bytes=args.chunk_bytes,
+        strategy=strategy_table(args.strategy, args.strategy_option),
+        over_selection=args.over_selection,
+        stratify=args.stratify,
+        max_rounds_per_window=args.max_rounds_per_window,
+        budget_window_s=args.budget_window,
+    )
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from broker_server.persistence import open_server_store
+    from broker_server.server import FederatedServer
+    from edge_agent.data import load_npz
+    from edge_agent.runtime.bundle import Bundle
+    from edge_agent.runtime.trainer import EvalResult, OrtTrainer
+    from fedflock.report import write_metrics
+    from fedflock.wiring import server_transport
+
+    config = server_config(args)
+    bundle = Bundle.open(args.bundle)
+    evaluator = None
+    if args.test_data is not None:
+        test, trainer = load_npz(args.test_data), OrtTrainer.open(bundle, threads=2)
+
+        def evaluator(weights: dict[str, Any]) -> EvalResult:
+            return trainer.evaluate(weights, test.x, test.y)
+
+    store = open_server_store(args.store) if args.store is not None else None
+    try:
+        transport = server_transport(args.mqtt_url, f"fedflock-server-{uuid.uuid4().hex[:8]}")
+        server = FederatedServer(transport, bundle, config, out_dir=args.out, evaluator=evaluator, store=store)
+        server.start()
+        try:
+            results = server.run()
+        finally:
+            server.close()
+    finally:
+        if store is not None:
+            store.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_metrics(args.out, results, baseline=server.baseline)
+    print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {args.out}")
+    return 0
+
+
+def hyperparameters(items: list[str]) -> dict[str, float | tuple[float, ...]]:
+    out: dict[str, float | tuple[float, ...]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--hyperparameter wants NAME=VALUE, got {item!r}")
+        try:
+            values = floats(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"--hyperparameter {name}: {exc}") from exc
+        out[name] = values[0] if len(values) == 1 else values
+    return out
+
+
+def strategy_table(name: str | None, options: list[str]) -> dict[str, Any]:
+    """``--strategy`` and its ``--strategy-option KEY=VALUE`` items as a strategy config table.
+
+    A value is read as JSON when it is JSON (``0.01``, ``3``, ``true``, ``null``), else kept as text.
+    """
+    if name is None:
+        if options:
+            raise ConfigError("--strategy-option needs --strategy NAME")
+        return {}
+    table: dict[str, Any] = {"name": name}
+    for item in options:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--strategy-option wants KEY=VALUE, got {item!r}")
+        if key in table:
+            raise ConfigError(f"--strategy-option {key} is given twice (or names the strategy)")
+        try:
+            table[key] = json.loads(text)
+        except ValueError:
+            table[key] = text
+    return table
