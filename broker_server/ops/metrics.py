@@ -1,0 +1,163 @@
+"""What the federated server counts, in Prometheus names (:class:`ServerMetrics`).
+
+The server calls one method per event, from any thread; :meth:`ServerMetrics.render` is what
+``GET /metrics`` returns. Metric names (all prefixed ``fedflock_``):
+
+==========================================  =========  ==================================================
+``rounds_total{outcome}``                   counter    rounds finished, ``completed`` or ``abandoned``
+``devices_online`` / ``devices_known``      gauge      devices whose retained STATUS says online / all
+``updates_accepted_total{codec}``           counter    updates folded into a round, by update codec
+``update_bytes_accepted_total{codec}``      counter    payload bytes of those updates (codec efficiency)
+``updates_rejected_total{reason}``          counter    messages rejected, by stable error code
+``bytes_received_total``                    counter    payload bytes of every inbound message
+``bytes_sent_total``                        counter    payload bytes of every published message
+``aggregation_seconds``                     histogram  time to turn a round's mean update into a model
+``round_duration_seconds``                  histogram  a round's duration (completed or abandoned)
+``model_version``                           gauge      the version of the server's current model
+``round_test_accuracy``                     gauge      the last completed round's test accuracy
+==========================================  =========  ==================================================
+
+Label values a peer could choose (the reason, the codec) are checked against a conservative
+pattern and counted as ``other`` otherwise, so a misbehaving device cannot create unbounded
+series. Bytes in and out are counted at the transport boundary
+(:class:`~broker_server.ops.metered.MeteredTransport`), so chunked transfers, STATUS and FETCH
+traffic are included and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Protocol
+
+from broker_server.ops.prometheus import Counter, Gauge, Histogram, MetricFamily, render
+
+__all__ = ["AGGREGATION_BUCKETS", "ROUND_BUCKETS", "RoundOutcome", "ServerMetrics"]
+
+#: seconds; aggregation of small edge models takes milliseconds, large ones seconds
+AGGREGATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: seconds; rounds wait for devices to train, from seconds to an hour
+ROUND_BUCKETS: tuple[float, ...] = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+#: a label value taken from the wire: an error code or a codec name
+_SAFE_LABEL = re.compile(r"^[A-Za-z0-9_.:+-]{1,64}$")
+OTHER = "other"
+
+
+class RoundOutcome(Protocol):
+    """What :meth:`ServerMetrics.round_finished` reads (:class:`~broker_server.server_config.RoundResult`)."""
+
+    @property
+    def completed(self) -> bool: ...
+    @property
+    def model_version(self) -> int: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def test_accuracy(self) -> float | None: ...
+
+
+def _label(value: str) -> str:
+    return value if _SAFE_LABEL.match(value) else OTHER
+
+
+class ServerMetrics:
+    """The federated server's Prometheus metrics; every method is thread-safe and cheap."""
+
+    def __init__(
+        self,
+        *,
+        aggregation_buckets: Sequence[float] = AGGREGATION_BUCKETS,
+        round_buckets: Sequence[float] = ROUND_BUCKETS,
+    ) -> None:
+        self._rounds = Counter("fedflock_rounds_total", "Rounds finished, by outcome.", ["outcome"])
+        for outcome in ("completed", "abandoned"):
+            self._rounds.declare(outcome=outcome)
+        self._online = Gauge("fedflock_devices_online", "Devices whose retained STATUS says they are online.")
+        self._known = Gauge("fedflock_devices_known", "Devices the server has seen a STATUS from.")
+        self._accepted = Counter(
+            "fedflock_updates_accepted_total", "Updates folded into a round, by update codec.", ["codec"]
+        )
+        self._accepted_bytes = Counter(
+            "fedflock_update_bytes_accepted_total", "Payload bytes of the accepted updates, by codec.", ["codec"]
+        )
+        self._rejected = Counter(
+            "fedflock_updates_rejected_total", "Messages rejected, by stable error code.", ["reason"]
+        )
+        self._bytes_in = Counter("fedflock_bytes_received_total", "Payload bytes of every inbound message.")
+        self._bytes_out = Counter("fedflock_bytes_sent_total", "Payload bytes of every published message.")
+        self._aggregation = Histogram(
+            "fedflock_aggregation_seconds",
+            "Seconds to turn a round's mean update into the next model.",
+            aggregation_buckets,
+        )
+        self._round_duration = Histogram(
+            "fedflock_round_duration_seconds", "Duration of finished rounds (completed or abandoned).", round_buckets
+        )
+        self._model_version = Gauge("fedflock_model_version", "Version of the server's current model.")
+        self._accuracy = Gauge(
+            "fedflock_round_test_accuracy", "Test accuracy of the model the last completed round produced."
+        )
+        self._families: tuple[MetricFamily, ...] = (
+            self._rounds,
+            self._online,
+            self._known,
+            self._accepted,
+            self._accepted_bytes,
+            self._rejected,
+            self._bytes_in,
+            self._bytes_out,
+            self._aggregation,
+            self._round_duration,
+            self._model_version,
+            self._accuracy,
+        )
+
+    def render(self) -> str:
+        """The text exposition format 0.0.4 (:data:`~broker_server.ops.prometheus.CONTENT_TYPE`)."""
+        return render(self._families)
+
+    # -- events the server reports ---------------------------------------------------------------
+
+    def round_finished(self, result: RoundOutcome) -> None:
+        """A round closed: count its outcome, time it, and (if completed) record the new model."""
+        self._rounds.inc(outcome="completed" if result.completed else "abandoned")
+        if math.isfinite(result.duration_s) and result.duration_s >= 0:
+            self._round_duration.observe(result.duration_s)
+        if result.completed:
+            self._model_version.set(result.model_version)
+            accuracy = result.test_accuracy
+            if accuracy is not None and math.isfinite(accuracy):
+                self._accuracy.set(accuracy)
+
+    def update_accepted(self, codec: str, nbytes: int) -> None:
+        """An update of ``nbytes`` payload bytes in ``codec`` was folded into a round."""
+        label = _label(codec)
+        self._accepted.inc(codec=label)
+        self._accepted_bytes.inc(nbytes, codec=label)
+
+    def message_rejected(self, reason: str) -> None:
+        """A message was rejected; ``reason`` is a stable code (``FedflockError.code``), not prose."""
+        self._rejected.inc(reason=_label(reason))
+
+    def bytes_received(self, nbytes: int) -> None:
+        """An inbound message carried ``nbytes`` payload bytes."""
+        self._bytes_in.inc(nbytes)
+
+    def bytes_sent(self, nbytes: int) -> None:
+        """``nbytes`` payload bytes were published."""
+        self._bytes_out.inc(nbytes)
+
+    def devices(self, online: int, known: int) -> None:
+        """How many devices are online and how many the registry knows."""
+        self._online.set(online)
+        self._known.set(known)
+
+    def aggregation_took(self, seconds: float) -> None:
+        """Aggregating a round (``strategy.apply`` on the mean update) took ``seconds``."""
+        self._aggregation.observe(seconds)
+
+    def set_model_version(self, version: int) -> None:
+        """The server's current model (at start, and on a resumed federation)."""
+        self._model_version.set(version)
