@@ -78,6 +78,10 @@ class DeviceRegistry:
             if d.online and d.bundle_digest == bundle_digest and not d.declines
         )
 
+    def records(self) -> list[DeviceRecord]:
+        """Every device seen, as a copy (safe to read from another thread)."""
+        return list(self._devices.values())
+
     def candidates(self, bundle_digest: str) -> list[DeviceRecord]:
         """Online devices that hold ``bundle_digest``, sorted by id; unlike :meth:`eligible` this
         includes devices that declined, so selection can say why it left them out."""

@@ -9,7 +9,10 @@ round numbering goes on, and ``--rounds`` counts the rounds of the whole federat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,7 @@ from edge_agent.errors import ConfigError
 from fedflock.export_options import floats
 
 if TYPE_CHECKING:
+    from broker_server.ops import ServerMetrics
     from broker_server.server_config import ServerConfig
 
 
@@ -82,6 +86,13 @@ def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
         help="durable server state, resumed on restart: sqlite:///path/server.db or postgresql://...",
     )
     broker.add_argument("--out", type=Path, default=Path("fedflock-server"), help="model files, metrics and plots")
+    broker.add_argument(
+        "--ops-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics, /api/status, /healthz, /readyz and a dashboard on this port",
+    )
+    broker.add_argument("--ops-host", default="127.0.0.1", help="address for --ops-port (0.0.0.0 in a container)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -114,6 +125,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_broker(args: argparse.Namespace) -> int:
+    from broker_server.ops import MeteredTransport, ServerMetrics
     from broker_server.persistence import open_server_store
     from broker_server.server import FederatedServer
     from edge_agent.data import load_npz
@@ -132,14 +144,20 @@ def run_broker(args: argparse.Namespace) -> int:
             return trainer.evaluate(weights, test.x, test.y)
 
     store = open_server_store(args.store) if args.store is not None else None
+    metrics = ServerMetrics()
     try:
-        transport = server_transport(args.mqtt_url, f"fedflock-server-{uuid.uuid4().hex[:8]}")
+        client_id = f"fedflock-server-{uuid.uuid4().hex[:8]}"
+        transport = MeteredTransport(server_transport(args.mqtt_url, client_id), metrics)
         server = FederatedServer(transport, bundle, config, out_dir=args.out, evaluator=evaluator, store=store)
-        server.start()
-        try:
-            results = server.run()
-        finally:
-            server.close()
+        started = threading.Event()
+        with operations_endpoint(args, server, metrics, started):
+            server.start()
+            started.set()
+            metrics.set_model_version(server.model_version)
+            try:
+                results = server.run(on_round=lambda result: observe_round(server, metrics, result))
+            finally:
+                server.close()
     finally:
         if store is not None:
             store.close()
@@ -147,6 +165,35 @@ def run_broker(args: argparse.Namespace) -> int:
     write_metrics(args.out, results, baseline=server.baseline)
     print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {args.out}")
     return 0
+
+
+def observe_round(server: Any, metrics: ServerMetrics, result: Any) -> None:
+    metrics.round_finished(result)
+    metrics.set_model_version(server.model_version)
+    records = server.registry.records()
+    metrics.devices(sum(r.online for r in records), len(records))
+
+
+def operations_endpoint(
+    args: argparse.Namespace, server: Any, metrics: ServerMetrics, started: threading.Event
+) -> contextlib.AbstractContextManager[Any]:
+    """``--ops-port``: Prometheus /metrics, /api/status, /healthz, /readyz and the dashboard."""
+    if args.ops_port is None:
+        return contextlib.nullcontext()
+    from broker_server.ops import OpsServer, build_status
+
+    def status() -> dict[str, Any]:
+        return build_status(
+            config=server.config,
+            strategy=server.strategy.name,
+            model_version=server.model_version,
+            bundle_digest=server.bundle.digest,
+            devices=server.registry.records(),
+            rounds=list(server.results),
+            now=time.monotonic(),
+        )
+
+    return OpsServer(args.ops_host, args.ops_port, metrics=metrics, status=status, ready=started.is_set)
 
 
 def hyperparameters(items: list[str]) -> dict[str, float | tuple[float, ...]]:
