@@ -1,6 +1,4 @@
-"""The device agent: announce itself, take tasks, train with onnxruntime when allowed, forward results.
-
-No torch, ever: onnxruntime, numpy and a :class:`Transport` (docs/agent.md)."""
+"""The device agent: take tasks, train with onnxruntime when allowed, forward results (docs/agent.md)."""
 
 from __future__ import annotations
 
@@ -203,6 +201,7 @@ class Agent:
     def _publish_status(self, *, online: bool, decision: Decision | None = None) -> None:
         status = status_message(
             self.config.device_id,
+            device_class=self.config.device_class,
             online=online,
             bundle_digest=self.runner.trainer.bundle.digest,
             num_examples=len(self.runner.data),

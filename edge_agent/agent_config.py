@@ -17,6 +17,8 @@ from edge_agent.store import StoreConfig
 @dataclass(frozen=True, kw_only=True)
 class AgentConfig:
     device_id: str
+    #: announced in STATUS capabilities; the server stratifies selection by it
+    device_class: str = "default"
     topics: Topics = Topics()
     seed: int = 0
     #: Stop after this many tasks (tests and batch jobs); ``None`` runs until stopped.

@@ -25,6 +25,7 @@ def status_message(
     decision: Decision | None = None,
     state: DeviceState | None = None,
     install: dict[str, Any] | None = None,
+    device_class: str = "default",
 ) -> StatusMessage:
     """The device's STATUS: capabilities while online, and its last eligibility decision if any."""
     return StatusMessage(
@@ -33,7 +34,7 @@ def status_message(
         agent_version=__version__,
         bundle_digest=bundle_digest,
         num_examples=num_examples,
-        capabilities=CAPABILITIES if online else {},
+        capabilities=CAPABILITIES | {"device_class": device_class} if online else {},
         eligibility=decision.as_dict() if decision is not None else {},
         device_state=state.as_dict() if state is not None else {},
         install=install or {},
@@ -46,7 +47,11 @@ def offline_will(device_id: str, topics: Topics = Topics()) -> Will:
     return Will(topic=topics.status(device_id), payload=payload, qos=1, retain=True)
 
 
-def online_birth(device_id: str, bundle_digest: str, num_examples: int, topics: Topics = Topics()) -> Will:
+def online_birth(
+    device_id: str, bundle_digest: str, num_examples: int, topics: Topics = Topics(), *, device_class: str = "default"
+) -> Will:
     """The retained status to publish on every (re)connect (MQTT transports' ``birth``)."""
-    status = status_message(device_id, online=True, bundle_digest=bundle_digest, num_examples=num_examples)
+    status = status_message(
+        device_id, online=True, bundle_digest=bundle_digest, num_examples=num_examples, device_class=device_class
+    )
     return Will(topic=topics.status(device_id), payload=encode_message(status), qos=1, retain=True)

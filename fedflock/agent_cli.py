@@ -130,6 +130,7 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
     )
     agent_config = AgentConfig(
         device_id=config.device_id,
+        device_class=config.device_class,
         topics=Topics(config.mqtt.topic_prefix),
         seed=config.seed,
         state_dir=config.state_dir,

@@ -45,6 +45,6 @@ def configured_device_transport(config: AgentFileConfig, *, bundle_digest: str, 
             password_file=mqtt.password_file,
             protocol=mqtt.protocol,
             will=offline_will(config.device_id, topics),
-            birth=online_birth(config.device_id, bundle_digest, num_examples, topics),
+            birth=online_birth(config.device_id, bundle_digest, num_examples, topics, device_class=config.device_class),
         )
     )

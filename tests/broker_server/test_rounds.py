@@ -126,3 +126,16 @@ def test_registry_leaves_out_devices_that_reported_they_cannot_train() -> None:
     assert record is not None and record.declines and record.eligibility["reasons"][0]["code"] == "battery_low"
     registry.observe(status("b", {"eligible": True, "phase": "train", "reasons": []}), 1.0)  # charger plugged in
     assert registry.eligible("b" * 64) == ["a", "b", "c", "d"]
+
+
+def test_the_device_class_an_agent_announces_reaches_the_registry() -> None:
+    from broker_server.registry import DeviceRegistry
+    from edge_agent.presence import online_birth
+    from edge_agent.protocol.messages import StatusMessage, decode_message
+
+    birth = decode_message(online_birth("cam-1", "b" * 64, 7, device_class="camera").payload)
+    assert isinstance(birth, StatusMessage)
+    registry = DeviceRegistry()
+    registry.observe(birth, 0.0)
+    record = registry.get("cam-1")
+    assert record is not None and record.device_class == "camera"
