@@ -5,18 +5,41 @@ classes) to the registry's candidates and keeps the :class:`ParticipationHistory
 needs: a device takes part in at most ``max_rounds_per_window`` rounds that started within the
 last ``window_s`` seconds (wall clock, so a restarted server keeps counting; the history is
 stored as a setting). Without a budget nothing is recorded.
+
+Two limits come from outside the policy (:mod:`broker_server.safeguards`): devices to leave out
+with a reason (quarantined by tiered trust: ``"quarantined: ..."``), and a cap on the devices
+chosen (the rows a robust rule's update buffer holds). A capped selection keeps a random subset
+of what the policy chose (its order is already random), and never wants more reports than it
+sends tasks.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from broker_server.registry import DeviceRecord
-from broker_server.selection import ParticipationHistory, Selection, SelectionPolicy, select
+from broker_server.selection import ParticipationHistory, SelectionPolicy, select
 
-__all__ = ["RoundSelector"]
+__all__ = ["Choice", "RoundSelector"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """One round's selection, after exclusions and the cap."""
+
+    #: the chosen device ids, in selection order
+    chosen: tuple[str, ...]
+    #: reports the round wants (k, or the cap if smaller); ``len(chosen)`` is larger when over-selecting
+    wanted: int
+    #: devices the policy could choose from (online, holding the bundle, not excluded)
+    eligible: int
+    #: device id -> why it could not be chosen: "declined", "over_budget", or an exclusion's reason
+    excluded: dict[str, str]
+    #: devices the policy chose but the cap left out
+    capped: int = 0
 
 
 class RoundSelector:
@@ -35,13 +58,35 @@ class RoundSelector:
     def budgeted(self) -> bool:
         return self.window_s is not None and self.policy.max_rounds_per_window is not None
 
-    def choose(self, number: int, candidates: Sequence[DeviceRecord], *, now: float) -> Selection:
-        return select(
-            candidates,
+    def choose(
+        self,
+        number: int,
+        candidates: Sequence[DeviceRecord],
+        *,
+        now: float,
+        exclude: Mapping[str, str] | None = None,
+        cap: int | None = None,
+    ) -> Choice:
+        """Choose round ``number``'s devices; never one in ``exclude``, at most ``cap`` of them."""
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        left_out = {d.device_id: exclude[d.device_id] for d in candidates if exclude and d.device_id in exclude}
+        selection = select(
+            [d for d in candidates if d.device_id not in left_out],
             self.policy,
             rng=self._rng,
             device_class_of=lambda record: record.device_class,
             participation=self.counts(number, now=now) if self.budgeted else None,
+        )
+        chosen, wanted = selection.chosen, selection.wanted
+        if cap is not None and len(chosen) > cap:
+            chosen, wanted = chosen[:cap], min(wanted, cap)
+        return Choice(
+            chosen=chosen,
+            wanted=wanted,
+            eligible=selection.eligible,
+            excluded={**selection.excluded, **left_out},
+            capped=len(selection.chosen) - len(chosen),
         )
 
     def counts(self, number: int, *, now: float) -> dict[str, int]:

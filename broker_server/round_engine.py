@@ -4,21 +4,28 @@ One round (:meth:`RoundEngine.run_round`):
 
 1. :class:`~broker_server.participation.RoundSelector` chooses devices from the registry's
    candidates (over-selection, device classes, participation budget); a device that declined
-   is never chosen. Too few: the round is skipped (stored as abandoned, model unchanged).
+   or is quarantined (tiered trust) is never chosen, and a robust rule's update buffer caps the
+   count. Too few (for ``min_clients``, or for the rule's ``min_updates``): the round is
+   skipped (stored as abandoned, model unchanged).
 2. The strategy configures the round's TASKs (:class:`~broker_server.round_plan.RoundPlan`),
    the round is stored, and every chosen device gets a TASK with the current shared weights.
 3. Results are collected until :func:`~broker_server.selection.round_outcome` decides: the
    round completes as soon as it has the updates it wants even if over-selected devices are
-   still training, or at the deadline with at least ``min_reports``; otherwise it is abandoned.
-   Every accepted update is committed to the journal before the next message is handled.
-4. A completed round's mean delta goes through ``strategy.apply`` (buffers averaged plainly)
-   to make the next model version, stored with the strategy's state.
+   still training, or at the deadline with at least ``min_reports`` (and the robust rule's
+   ``min_updates``); otherwise it is abandoned. Every accepted update is committed to the
+   journal before the next message is handled.
+4. A completed round's delta — the streaming (clipped) mean, or the robust rule over the
+   round's update buffer (:mod:`broker_server.safeguards`) — goes through ``strategy.apply``
+   (buffers averaged plainly) to make the next model version, stored with the strategy's state.
+   With tiered trust the round's updates are then observed against its aggregate and the
+   reputation is stored.
 
 Results for the round that closed last are *late*: route_late_update drops them (counted in
 :attr:`RoundEngine.late_updates`); the asynchronous FedBuff path is not wired yet.
 :meth:`RoundEngine.resume` continues a round restored from the store until its stored deadline,
 re-sending TASKs to its outstanding devices (agents answer a known task id with their stored
-result, so nothing is trained or counted twice).
+result, so nothing is trained or counted twice). A buffered robust rule's rows are not stored,
+so a round restored under one is abandoned instead.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ import numpy as np
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.participation import RoundSelector
 from broker_server.registry import DeviceRegistry
+from broker_server.robust import RobustAggregationError
 from broker_server.round_plan import RoundPlan
 from broker_server.rounds import RoundState
+from broker_server.safeguards import TRUST_SETTING, Safeguards
 from broker_server.selection import Complete, Dropped, Wait, round_outcome, route_late_update
 from broker_server.server_config import RoundResult, ServerConfig
 from broker_server.strategies import Strategy, plain_tensor_names
@@ -82,6 +91,7 @@ class RoundEngine:
         strategy: Strategy,
         journal: RoundJournal,
         selector: RoundSelector,
+        safeguards: Safeguards,
         pump: Callable[[float], None],
         evaluator: Evaluator | None,
         clock: Callable[[], float],
@@ -97,6 +107,7 @@ class RoundEngine:
         self.late_updates = 0
         self._transport, self._link, self._registry = transport, link, registry
         self._journal, self._selector, self._pump = journal, selector, pump
+        self.safeguards = safeguards
         self._evaluator, self._clock, self._wall_clock = evaluator, clock, wall_clock
         self._plain = plain_tensor_names(bundle.manifest)
         #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
@@ -111,15 +122,30 @@ class RoundEngine:
 
     def run_round(self, number: int, *, started: float) -> RoundResult:
         """Select, send, collect and close round ``number`` (``started``: when it began waiting)."""
-        config = self.config
+        config, guard = self.config, self.safeguards
         now = self._wall_clock()
-        selection = self._selector.choose(number, self._registry.candidates(self.bundle.digest), now=now)
+        candidates = self._registry.candidates(self.bundle.digest)
+        quarantined = guard.excluded(c.device_id for c in candidates)
+        selection = self._selector.choose(number, candidates, now=now, exclude=quarantined, cap=guard.max_tasks)
+        for device_id, why in sorted(quarantined.items()):
+            log.info("round %d: not selecting %s (%s)", number, device_id, why)
+        reason = ""
         if selection.eligible < config.min_clients:
             budget = Counter(selection.excluded.values())["over_budget"]
-            over = f" ({budget} more over their participation budget)" if budget else ""
-            reason = f"only {selection.eligible} eligible devices online{over}, need {config.min_clients}"
+            notes = [f"{budget} more over their participation budget"] if budget else []
+            notes += [f"{len(quarantined)} quarantined"] if quarantined else []
+            more = f" ({', '.join(notes)})" if notes else ""
+            reason = f"only {selection.eligible} eligible devices online{more}, need {config.min_clients}"
+        elif len(selection.chosen) < guard.min_updates:
+            reason = (
+                f"only {len(selection.chosen)} devices selectable, {guard.describe()} needs "
+                f"{guard.min_updates} updates per round"
+            )
+        if reason:
             self._journal.round_skipped(number, self.model_version, reason)
             return self._result(number, None, started, completed=False, reason=reason)
+        if selection.capped:
+            log.info("round %d: %d fewer tasks to fit the update buffer", number, selection.capped)
         plan = self.plan(number, wanted=selection.wanted)
         state = RoundState(
             round=number,
@@ -128,6 +154,7 @@ class RoundEngine:
             specs=self.bundle.manifest.aggregated_tensors,
             codecs=plan.codec_names,
         )
+        guard.prepare(state)
         opened = OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s)
         self._journal.round_opened(opened)
         self._selector.record(number, selection.chosen, now=now)
@@ -146,6 +173,12 @@ class RoundEngine:
             deadline=now + max(opened.deadline - wall, 0.0),
         )
         state = opened.state
+        reason = self.safeguards.unresumable(state)
+        if reason:
+            self._journal.abandoned(state.round, reason)
+            self.closed = state
+            return self._result(state.round, state, live.started, completed=False, reason=reason)
+        self.safeguards.prepare(state)
         outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
         log.info(
             "resuming round %d: %d updates stored, re-sending %d tasks, %.0fs left",
@@ -194,7 +227,7 @@ class RoundEngine:
                 outcome = round_outcome(
                     len(state.accepted),
                     wanted=live.opened.plan.wanted,
-                    min_reports=self.config.min_reports,
+                    min_reports=max(self.config.min_reports, self.safeguards.min_updates),
                     outstanding=outstanding,
                     deadline_passed=self._clock() >= live.deadline,
                 )
@@ -207,15 +240,26 @@ class RoundEngine:
                 self._link.forget(transfer)
             self._downloads.clear()
         if not isinstance(outcome, Complete):
+            state.buffer = None  # a closed round keeps its bookkeeping, not its updates
             self._journal.abandoned(state.round, outcome.reason)
             return self._result(state.round, state, live.started, completed=False, reason=outcome.reason)
         if outcome.early and outstanding:
             log.info("round %d: %d devices still training; their updates will be dropped", state.round, outstanding)
-        return self._complete(live)
+        try:
+            return self._complete(live)
+        finally:
+            state.buffer = None
 
     def _complete(self, live: LiveRound) -> RoundResult:
-        state, number = live.state, live.state.round
-        weights = self.strategy.apply(self.weights, state.mean.result(), round=number, plain=self._plain)
+        state, number, guard = live.state, live.state.round, self.safeguards
+        try:
+            delta, report = guard.aggregate(state)
+        except RobustAggregationError as exc:
+            reason = f"{guard.describe()}: {exc.reason}"
+            self._journal.abandoned(number, reason)
+            return self._result(number, state, live.started, completed=False, reason=reason)
+        guard.report(state, report)
+        weights = self.strategy.apply(self.weights, delta, round=number, plain=self._plain)
         test = self._evaluator(weights) if self._evaluator is not None else None
         result = self._result(number, state, live.started, completed=True, test=test, version=self.model_version + 1)
         self._journal.completed(
@@ -228,6 +272,11 @@ class RoundEngine:
             strategy=self.strategy,
         )
         self.weights, self.model_version = weights, result.model_version
+        guard.observe(state, delta)
+        if guard.reputation is not None:
+            # after the round's commit: a crash in between loses one round's observations, never
+            # observes a round twice
+            self._journal.save_setting(TRUST_SETTING, guard.state())
         return result
 
     def _result(
@@ -260,6 +309,7 @@ class RoundEngine:
 
     def on_result(self, message: UpdateMessage | ErrorMessage) -> None:
         """An UPDATE or ERROR from a device; raises ProtocolError for one that is not acceptable."""
+        self.safeguards.admit(message.device_id)  # Quarantined (with its reason) from a quarantined device
         live, closed = self.current, self.closed
         if live is not None and message.round == live.state.round:
             self._accept(live.state, message)

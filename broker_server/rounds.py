@@ -4,6 +4,14 @@ Pure logic with no I/O, so every acceptance rule is unit-testable: an update is 
 streaming mean at most once, only for a task this round issued to that very device, only in a
 codec the round offered, and only when every tensor has the model's shape and finite values
 (checked by the codec layer before anything is added).
+
+Robust aggregation (:mod:`broker_server.safeguards`) changes only where an accepted update goes
+and what it weighs: with a ``buffer`` the update also becomes a row of the round's
+:class:`~broker_server.robust.UpdateBuffer`, from which the robust rule computes the round's
+delta (a full buffer refuses the update); the streaming ``mean`` is still kept, as the
+checkpoint the server store commits with every update (O(model)), but not applied. An update's
+weight is ``num_examples × multipliers[device]`` (tiered trust; 1 when the device has no entry).
+``num_examples`` and the metrics stay weighted by example counts alone.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker_server.aggregate import WeightedMean
+from broker_server.robust import BufferFull, UpdateBuffer
 from edge_agent.codecs import CodecSpec, payload_codec
 from edge_agent.errors import ContractViolation, FedflockError
 from edge_agent.protocol.manifest import TensorSpec
@@ -34,6 +43,19 @@ class RoundState:
     failed: dict[str, str] = field(default_factory=dict)
     metric_sums: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
+    #: robust rules: accepted updates are stored here as rows too, and aggregated from here
+    buffer: UpdateBuffer | None = None
+    #: tiered trust: device id -> weight multiplier (a device without an entry weighs 1)
+    multipliers: dict[str, float] = field(default_factory=dict)
+    #: device ids in the order their updates were accepted (since this object was made)
+    order: list[str] = field(default_factory=list)
+    #: examples behind the accepted updates; -1 takes ``mean.total_weight`` (a restored round,
+    #: whose checkpoint keeps only the weight: with trust multipliers that is the weighted total)
+    examples: int = -1
+
+    def __post_init__(self) -> None:
+        if self.examples < 0:
+            self.examples = int(self.mean.total_weight)
 
     @property
     def finished(self) -> bool:
@@ -41,7 +63,7 @@ class RoundState:
 
     @property
     def num_examples(self) -> int:
-        return int(self.mean.total_weight)
+        return self.examples
 
     def _check_task(self, device_id: str, task_id: str, round_: int) -> bool:
         """True if new; False for a duplicate; raises for anything not issued to this device."""
@@ -74,8 +96,19 @@ class RoundState:
         declared = payload_codec(update.payload)  # MalformedMessage for a bad FFCU header
         if declared != codec:
             raise ContractViolation(f"UPDATE says codec {codec!r}, its payload is {declared!r}")
+        multiplier = self.multipliers.get(update.device_id, 1.0)
+        if not multiplier > 0:
+            raise ContractViolation(f"device {update.device_id!r} has trust weight {multiplier}: not accepted")
+        weight = float(update.num_examples) * multiplier
+        if self.buffer is not None:
+            try:
+                self.buffer.add_encoded(update.device_id, update.payload, weight)
+            except BufferFull as exc:
+                raise ContractViolation(exc.reason) from exc
         expected = {spec.name: spec.shape for spec in self.specs}
-        self.mean.add_encoded(update.payload, float(update.num_examples), expected)
+        self.mean.add_encoded(update.payload, weight, expected)  # validated in full by the buffer already
+        self.examples += update.num_examples
+        self.order.append(update.device_id)
         for key, value in update.metrics.items():
             self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value * update.num_examples
         self.accepted.add(update.task_id)
@@ -88,5 +121,5 @@ class RoundState:
         return True
 
     def mean_metrics(self) -> dict[str, float]:
-        total = self.mean.total_weight
+        total = self.examples
         return {key: value / total for key, value in self.metric_sums.items()} if total else {}

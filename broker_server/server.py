@@ -6,6 +6,8 @@
 * :mod:`broker_server.dispatch` — inbound messages (STATUS, FETCH, UPDATE/ERROR, chunks), with
   bad messages logged and counted in :attr:`FederatedServer.rejections`, never fatal;
 * :mod:`broker_server.round_engine` — selection, TASKs, the collect loop and the strategy step;
+* :mod:`broker_server.safeguards` — robust aggregation (``config.robust``) and tiered trust
+  (``config.trust``): quarantines, trust weights, and :attr:`FederatedServer.trust_events`;
 * :mod:`broker_server.journal` — the optional :class:`~broker_server.persistence.ServerStore`:
   every accepted update committed, and a restarted server resuming where it stopped;
 * :mod:`broker_server.models` — model bundles announced and served to devices that FETCH them
@@ -35,7 +37,9 @@ from broker_server.models import ModelPublisher
 from broker_server.participation import RoundSelector
 from broker_server.persistence import ServerStore
 from broker_server.registry import DeviceRegistry
+from broker_server.robust import Reputation, TrustDecision
 from broker_server.round_engine import Evaluator, RoundEngine
+from broker_server.safeguards import TRUST_SETTING, Safeguards
 from broker_server.server_config import Rejection, RoundResult, ServerConfig
 from broker_server.store import ModelStore
 from broker_server.strategies import Strategy, TaskSettings, check_task_settings
@@ -97,6 +101,9 @@ class FederatedServer:
         link = TransferLink(transport, clock=clock)
         rng = rng or random.Random(config.seed)
         self._selector = RoundSelector(config.selection_policy(), window_s=config.budget_window_s, rng=rng)
+        self._safeguards = Safeguards(
+            config.robust_settings(), config.trust_config(), bundle.manifest.aggregated_tensors
+        )
         self._engine = RoundEngine(
             config,
             bundle,
@@ -106,6 +113,7 @@ class FederatedServer:
             strategy=self.strategy,
             journal=self._journal,
             selector=self._selector,
+            safeguards=self._safeguards,
             pump=self._pump,
             evaluator=evaluator,
             clock=clock,
@@ -138,6 +146,16 @@ class FederatedServer:
         return self._dispatcher.rejections
 
     @property
+    def trust_events(self) -> deque[TrustDecision]:
+        """Every tiered-trust decision (outlier, quarantine, extend, release), newest last."""
+        return self._safeguards.events
+
+    @property
+    def reputation(self) -> Reputation | None:
+        """The devices' trust (None unless ``config.trust`` is set)."""
+        return self._safeguards.reputation
+
+    @property
     def late_updates(self) -> int:
         """Updates dropped because their round had already closed."""
         return self._engine.late_updates
@@ -167,6 +185,7 @@ class FederatedServer:
             )
         first = self._engine.plan(1, wanted=self.config.clients_per_round)
         check_task_settings(TaskSettings(hyperparameters=first.hyperparameters), self.bundle.manifest)
+        self._safeguards.check()
         initial = weights if weights is not None else self.bundle.initial_weights()
         resumption = self._journal.begin(self.bundle, initial, self.strategy)
         if resumption is None:
@@ -175,6 +194,7 @@ class FederatedServer:
             self._engine.weights, self._engine.model_version = resumption.weights, resumption.model_version
             self._next_round, self._resumable = resumption.next_round, resumption.open_round
             self._selector.load_json(self._journal.load_setting(RoundSelector.SETTING))
+            self._safeguards.load_state(self._journal.load_setting(TRUST_SETTING))
         topics = self.config.topics
         self._transport.start()
         self._transport.subscribe(topics.all_devices(STATUS), qos=1)

@@ -3,7 +3,8 @@
 :class:`ServerConfig` is parsed once (by the CLI or the caller) and validated whole in its
 constructor: a bad strategy table or selection setting is a :class:`ConfigError` before anything
 connects. ``rounds`` counts the rounds of the whole federation: a server resumed from its store
-continues the numbering and stops after round ``rounds``.
+continues the numbering and stops after round ``rounds``. The ``robust`` and ``trust`` tables are
+described in :mod:`broker_server.robust_config`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker_server.robust import TrustConfig
+from broker_server.robust_config import RobustSettings, parse_trust
 from broker_server.selection import SelectionPolicy
 from broker_server.strategies import FedAvg, FedAvgConfig, Strategy, parse_strategy
 from edge_agent.codecs import CodecSpec
@@ -67,6 +70,11 @@ class ServerConfig:
     #: a device takes part in at most this many rounds per ``budget_window_s`` (give both or neither)
     max_rounds_per_window: int | None = None
     budget_window_s: float | None = None
+    #: robust aggregation as a table, e.g. ``{"rule": "krum", "f": 2}`` or ``{"rule": "clip", "clip": 1.0}``
+    #: (broker_server.robust_config); {} is plain streaming FedAvg
+    robust: Mapping[str, Any] = field(default_factory=dict)
+    #: tiered trust: None (off) or TrustConfig fields as a table ({} for the defaults)
+    trust: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -95,6 +103,13 @@ class ServerConfig:
             raise ConfigError("server_lr applies to the default FedAvg; set server_lr in the strategy table instead")
         self.selection_policy()  # ConfigError for a bad over_selection or budget
         self.make_strategy()  # ConfigError naming the bad strategy key
+        self.trust_config()  # ConfigError naming the bad trust key
+        robust = self.robust_settings()  # ConfigError naming the bad robust key
+        if robust is not None and robust.min_updates > self.clients_per_round:
+            raise ConfigError(
+                f"robust: {robust.describe()} needs at least {robust.min_updates} updates per round; "
+                f"clients_per_round is {self.clients_per_round}"
+            )
 
     def selection_policy(self) -> SelectionPolicy:
         return SelectionPolicy(
@@ -109,6 +124,14 @@ class ServerConfig:
         if not self.strategy:
             return FedAvg(FedAvgConfig(server_lr=self.server_lr))
         return parse_strategy(self.strategy)
+
+    def robust_settings(self) -> RobustSettings | None:
+        """The parsed ``robust`` table (None: plain streaming FedAvg)."""
+        return RobustSettings.parse(self.robust)
+
+    def trust_config(self) -> TrustConfig | None:
+        """The parsed ``trust`` table (None: tiered trust off)."""
+        return parse_trust(self.trust)
 
 
 @dataclass(frozen=True)

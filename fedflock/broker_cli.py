@@ -4,6 +4,11 @@ The federation is durable with ``--store`` (``sqlite:///path/server.db`` or
 ``postgresql://...``): every accepted update is committed, and the same command run again after
 a crash or a restart resumes the federation (the open round continues until its deadline, the
 round numbering goes on, and ``--rounds`` counts the rounds of the whole federation).
+
+``--robust RULE[:VALUE]`` chooses Byzantine-robust aggregation (``median``,
+``trimmed_mean:BETA``, ``krum:F``, ``clip:NORM``; more settings with ``--robust-option``) and
+``--trust`` turns tiered trust on (``--trust-option`` sets its fields); see
+:mod:`broker_server.robust_config`.
 """
 
 from __future__ import annotations
@@ -80,6 +85,35 @@ def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
     )
     broker.add_argument("--budget-window", type=float, default=None, metavar="SECONDS", help="the budget's window")
     broker.add_argument(
+        "--robust",
+        default=None,
+        metavar="RULE[:VALUE]",
+        help="Byzantine-robust aggregation: median (coordinate-wise), trimmed_mean:BETA (drop that fraction, "
+        "default 0.1, of values at each end), krum:F (Krum tolerating F attackers), clip:NORM (streaming FedAvg "
+        "with every update clipped to L2 norm NORM). median, trimmed_mean and krum keep the round's updates in a "
+        "buffer of at most max_buffer_mb (default 512), which caps the tasks a round sends",
+    )
+    broker.add_argument(
+        "--robust-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a robust setting, e.g. max_buffer_mb=256, dtype=float16, m=3 (Multi-Krum), weighted=true (repeatable)",
+    )
+    broker.add_argument(
+        "--trust",
+        action="store_true",
+        help="tiered trust: weigh each update by its device's reputation and quarantine a device whose updates "
+        "are outliers (3 rounds in a row by default); quarantined devices are not selected",
+    )
+    broker.add_argument(
+        "--trust-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a trust setting, e.g. quarantine_after=5, outlier_sigma=4, probation_rounds=10 (repeatable)",
+    )
+    broker.add_argument(
         "--store",
         default=None,
         metavar="URL",
@@ -121,6 +155,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         stratify=args.stratify,
         max_rounds_per_window=args.max_rounds_per_window,
         budget_window_s=args.budget_window,
+        robust=robust_table(args.robust, args.robust_option),
+        trust=trust_table(args.trust, args.trust_option),
     )
 
 
@@ -208,6 +244,53 @@ def hyperparameters(items: list[str]) -> dict[str, float | tuple[float, ...]]:
             raise ConfigError(f"--hyperparameter {name}: {exc}") from exc
         out[name] = values[0] if len(values) == 1 else values
     return out
+
+
+#: what the value after ``--robust RULE:`` sets, per rule
+ROBUST_VALUE_KEYS = {"trimmed_mean": "beta", "krum": "f", "clip": "clip"}
+
+
+def robust_table(spec: str | None, options: list[str]) -> dict[str, Any]:
+    """``--robust RULE[:VALUE]`` and its ``--robust-option KEY=VALUE`` items as a robust table."""
+    if spec is None:
+        if options:
+            raise ConfigError("--robust-option needs --robust RULE")
+        return {}
+    rule, sep, text = spec.partition(":")
+    table: dict[str, Any] = {"rule": rule}
+    if sep:
+        key = ROBUST_VALUE_KEYS.get(rule)
+        if key is None:
+            raise ConfigError(f"--robust {rule} takes no value (only {', '.join(ROBUST_VALUE_KEYS)} do), got {spec!r}")
+        table[key] = _json_or_text(text)
+    return _options(table, options, "--robust-option")
+
+
+def trust_table(enabled: bool, options: list[str]) -> dict[str, Any] | None:
+    """``--trust`` and its ``--trust-option KEY=VALUE`` items (None: trust off)."""
+    if not enabled:
+        if options:
+            raise ConfigError("--trust-option needs --trust")
+        return None
+    return _options({}, options, "--trust-option")
+
+
+def _options(table: dict[str, Any], options: list[str], flag: str) -> dict[str, Any]:
+    for item in options:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} wants KEY=VALUE, got {item!r}")
+        if key in table:
+            raise ConfigError(f"{flag} {key} is given twice (or by the flag it belongs to)")
+        table[key] = _json_or_text(text)
+    return table
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def strategy_table(name: str | None, options: list[str]) -> dict[str, Any]:

@@ -1,0 +1,260 @@
+"""Robust aggregation and tiered trust as the round engine uses them (issue #6).
+
+:class:`Safeguards` holds what outlives a round: the parsed :class:`RobustSettings`, the
+:class:`~broker_server.robust.Reputation` and its decisions (:attr:`Safeguards.events`). Per round:
+
+1. **Selection** — :meth:`Safeguards.excluded` names the quarantined devices (never chosen) and
+   :attr:`Safeguards.max_tasks` caps the tasks to the rows the update buffer can hold
+   (``BufferConfig.max_rows(d)``); :meth:`Safeguards.check` refuses at start-up a buffer too
+   small for the rule's :attr:`~RobustSettings.min_updates`.
+2. **Collection** — :meth:`Safeguards.prepare` gives the :class:`RoundState` its aggregator: an
+   :class:`UpdateBuffer` for median / trimmed mean / Krum, a :class:`ClippedWeightedMean` for
+   clip (or for plain FedAvg with trust, unclipped, for its per-update statistics), the plain
+   streaming mean otherwise; and each device's trust multiplier. :meth:`Safeguards.admit`
+   refuses a result from a quarantined device (:class:`Quarantined`, its reason). A round
+   restored from the store continues unless :meth:`Safeguards.unresumable` says why it cannot
+   (a buffered rule's rows are not stored).
+3. **Aggregation** — :meth:`Safeguards.aggregate` is the round's delta: the rule over the buffer
+   or the streaming mean; the engine passes it to ``strategy.apply`` as before.
+4. **Trust** — :meth:`Safeguards.observe` measures every accepted update against the aggregate
+   (buffered: the distance and cosine of each row to this round's robust aggregate; streaming:
+   the clipper's statistics against the *previous* round's aggregate, because this round's does
+   not exist until every update is folded in — so a streaming federation's first round, and the
+   first after a restart, observe nothing), feeds :meth:`Reputation.update`, and logs every
+   decision at WARNING.
+
+The reputation is JSON (:meth:`state` / :meth:`load_state`; the server keeps it as the store
+setting :data:`TRUST_SETTING`, written after each completed round).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from broker_server.aggregate import WeightedMean
+from broker_server.robust import (
+    ClippedWeightedMean,
+    Flattener,
+    Observation,
+    Reputation,
+    RowRule,
+    RuleReport,
+    TrustConfig,
+    TrustDecision,
+    UpdateBuffer,
+    observe_rows,
+)
+from broker_server.robust_config import RobustSettings
+from broker_server.rounds import RoundState
+from edge_agent.errors import ConfigError, ContractViolation, StorageError
+from edge_agent.protocol.manifest import TensorSpec
+
+__all__ = ["TRUST_SETTING", "Quarantined", "Safeguards"]
+
+log = logging.getLogger("fedflock.server")
+
+Tensors = dict[str, np.ndarray]
+
+#: the store setting the reputation is kept under
+TRUST_SETTING = "reputation"
+#: "no clipping" for the statistics-only streaming mean (a finite update's norm never exceeds it)
+_NO_CLIP = sys.float_info.max
+
+
+class Quarantined(ContractViolation):
+    """A result from a device that tiered trust has quarantined (the reason says why)."""
+
+    code = "quarantined"
+
+
+class Safeguards:
+    """Robust aggregation and tiered trust for one server (see the module docstring)."""
+
+    def __init__(
+        self, settings: RobustSettings | None, trust: TrustConfig | None, specs: tuple[TensorSpec, ...]
+    ) -> None:
+        self.settings = settings
+        self.reputation = Reputation(trust) if trust is not None else None
+        #: every trust decision taken (newest last; the oldest are forgotten after 1000)
+        self.events: deque[TrustDecision] = deque(maxlen=1000)
+        self._flattener = Flattener.from_specs(specs)
+        self._rule: RowRule | None = settings.make_rule() if settings is not None and settings.buffered else None
+        #: the last completed round's aggregate delta (the streaming statistics' reference)
+        self._reference: Tensors | None = None
+
+    # -- selection -------------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> bool:
+        return self._rule is not None
+
+    @property
+    def max_tasks(self) -> int | None:
+        """The most tasks a round may send (the buffer's rows); None when streaming."""
+        if self.settings is None or not self.buffered:
+            return None
+        return self.settings.buffer.max_rows(self._flattener.size)
+
+    @property
+    def min_updates(self) -> int:
+        return self.settings.min_updates if self.settings is not None else 1
+
+    def describe(self) -> str:
+        return self.settings.describe() if self.settings is not None else "fedavg"
+
+    def check(self) -> None:
+        """``ConfigError`` if the buffer cannot hold the updates the rule needs."""
+        fit = self.max_tasks
+        if self.settings is not None and fit is not None and fit < self.min_updates:
+            buffer = self.settings.buffer
+            raise ConfigError(
+                f"robust: max_buffer_mb={buffer.max_bytes / 2**20:g} holds {fit} updates of "
+                f"{self._flattener.size} {buffer.dtype} elements, and {self.describe()} needs at least "
+                f"{self.min_updates} per round (raise max_buffer_mb, or store float16)"
+            )
+
+    def excluded(self, device_ids: Iterable[str]) -> dict[str, str]:
+        """The quarantined devices among ``device_ids``, with their reasons."""
+        reputation = self.reputation
+        if reputation is None:
+            return {}
+        return {d: reputation.status(d).reason for d in device_ids if reputation.is_quarantined(d)}
+
+    def admit(self, device_id: str) -> None:
+        """Raise :class:`Quarantined` for a result from a quarantined device."""
+        if self.reputation is not None and self.reputation.is_quarantined(device_id):
+            raise Quarantined(self.reputation.status(device_id).reason)
+
+    # -- a round ---------------------------------------------------------------------------------
+
+    def prepare(self, state: RoundState) -> None:
+        """Give a new or restored round its aggregator and its devices' trust multipliers.
+
+        A restored streaming round keeps its stored sums (already clipped) and clips what
+        arrives from now on; a restored buffered round cannot be prepared (its rows were never
+        stored): the engine abandons it.
+        """
+        settings = self.settings
+        if self.buffered and settings is not None:
+            if state.mean.count:
+                raise ValueError("a buffered round cannot continue from a stored streaming checkpoint")
+            state.buffer = UpdateBuffer(self._flattener, rows=max(1, len(state.tasks)), config=settings.buffer)
+        elif settings is not None or self.reputation is not None:
+            clip = settings.clip if settings is not None else _NO_CLIP
+            reference = self._reference if self.reputation is not None else None
+            state.mean = _clipping(state.mean, clip, reference)
+        if self.reputation is not None:
+            state.multipliers = {d: self.reputation.multiplier(d) for d in state.tasks.values()}
+
+    def unresumable(self, state: RoundState) -> str:
+        """Why a round restored from the store cannot continue under these settings ("" if it can)."""
+        if not self.buffered:
+            return ""
+        if state.accepted:
+            return (
+                f"server restarted; {self.describe()} keeps a round's updates in memory only, "
+                f"so the {len(state.accepted)} stored before the restart cannot be aggregated"
+            )
+        fit = self.max_tasks
+        if fit is not None and len(state.tasks) > fit:
+            return f"server restarted; the round's {len(state.tasks)} tasks do not fit the update buffer ({fit} rows)"
+        return ""
+
+    def aggregate(self, state: RoundState) -> tuple[Tensors, RuleReport | None]:
+        """The round's delta, and the rule's report when a buffered rule made it.
+
+        Raises :class:`~broker_server.robust.RobustAggregationError` if the rule cannot run.
+        """
+        if state.buffer is not None and self._rule is not None:
+            result = state.buffer.aggregate(self._rule)
+            return self._flattener.unflatten(result.delta), result.report
+        return state.mean.result(), None
+
+    def report(self, state: RoundState, report: RuleReport | None) -> None:
+        """Log what the rule did (Krum's picks, the updates clipping scaled down)."""
+        if report is not None and state.buffer is not None and report.rule in ("krum", "multi-krum"):
+            picked = report.ids(report.selected, state.buffer.device_ids)
+            log.info("round %d: %s averaged %s", state.round, self.describe(), ", ".join(picked))
+        if isinstance(state.mean, ClippedWeightedMean) and self.settings is not None:
+            clipped = [d for d, s in zip(state.order, state.mean.stats, strict=False) if s.clipped]
+            if clipped:
+                log.info(
+                    "round %d: %s scaled down %d of %d updates (%s)",
+                    state.round,
+                    self.describe(),
+                    len(clipped),
+                    len(state.order),
+                    ", ".join(clipped),
+                )
+
+    def observe(self, state: RoundState, delta: Mapping[str, np.ndarray]) -> list[TrustDecision]:
+        """Feed the completed round's observations to the reputation; returns (and logs) its decisions."""
+        reputation = self.reputation
+        if reputation is None:
+            return []
+        observations = self._observations(state, delta)
+        if not self.buffered:
+            self._reference = {name: np.array(value) for name, value in delta.items()}
+        if not observations:
+            return []
+        if reputation.last_round is not None and state.round <= reputation.last_round:
+            log.warning("round %d: the reputation already holds round %d; not observed", state.round, state.round)
+            return []
+        decisions = reputation.update(state.round, observations)
+        for decision in decisions:
+            log.warning(
+                "trust: %s %s after round %d (score %.2f): %s",
+                decision.device_id,
+                decision.action,
+                decision.round,
+                decision.score,
+                decision.reason,
+            )
+            self.events.append(decision)
+        return decisions
+
+    def _observations(self, state: RoundState, delta: Mapping[str, np.ndarray]) -> dict[str, Observation]:
+        buffer = state.buffer
+        if buffer is not None and len(buffer):
+            work = buffer.config.work_bytes
+            flat = self._flattener.flatten(delta)
+            return observe_rows(buffer.matrix, flat, buffer.device_ids, row_scale=buffer.row_scale, work_bytes=work)
+        if isinstance(state.mean, ClippedWeightedMean):
+            return {
+                device_id: Observation.from_stats(stats)
+                for device_id, stats in zip(state.order, state.mean.stats, strict=False)
+                if stats.distance is not None
+            }
+        return {}
+
+    # -- persistence -----------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any] | None:
+        return self.reputation.to_state() if self.reputation is not None else None
+
+    def load_state(self, data: Mapping[str, Any] | None) -> None:
+        """Restore the reputation stored by a previous run (nothing to do without trust or data)."""
+        if self.reputation is None or data is None:
+            return
+        try:
+            self.reputation = Reputation.from_state(data, self.reputation.config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StorageError(f"the stored reputation ({TRUST_SETTING!r}) is unusable: {exc}") from exc
+        if self.reputation.quarantined:
+            log.warning("trust: restored with %s quarantined", ", ".join(self.reputation.quarantined))
+
+
+def _clipping(mean: WeightedMean, clip: float, reference: Tensors | None) -> ClippedWeightedMean:
+    """A :class:`ClippedWeightedMean` holding ``mean``'s sums, weight and count (they stay as they are)."""
+    clipped = ClippedWeightedMean(clip=clip, reference=reference)
+    if mean.count:
+        # the stored sums were clipped when they were folded in: add them back unclipped, once
+        WeightedMean.add(clipped, mean.sums(), 1.0)
+        clipped.total_weight, clipped.count = mean.total_weight, mean.count
+    return clipped
