@@ -1,0 +1,500 @@
+"""Server-side aggregation of K updates: fedflock's streaming fold vs Flower's ``aggregate`` (issue #6).
+
+The model is a ~1.0M-parameter MNIST-sized CNN (8 tensors, float32). For each K (default 200
+and 1000) the same K updates (seeded: update ``i`` depends only on ``--seed`` and ``i``) go
+through five cases, each in a fresh subprocess so its peak RSS is its own:
+
+* **fedflock fp32 / int8**: ``WeightedMean.add_encoded`` on FFCU payloads, the server's real
+  path (encoded bytes in, one float64 accumulator per tensor). Updates are *streamed*: a
+  generator makes update ``i``, encodes it and drops the float copy; the server folds it; the
+  payload is dropped. Only the fold calls (plus the final ``result()``) are timed.
+* **Flower fp32**: ``flwr.server.strategy.aggregate.aggregate(results)`` with ``results`` the
+  list of ``(NDArrays, num_examples)`` pairs its signature demands, so all K decoded updates are
+  resident before the (timed) call.
+* **Flower int8**: Flower has no int8 path; the same int8 payloads are decoded to float32 first
+  (``decode_update``, not timed: Flower's time excludes the decode, which favours Flower) and
+  then aggregated as above.
+* **numpy loop**: the bandwidth reference, ``acc += w * x`` in float64 over already-decoded
+  float32 updates, streamed like fedflock's.
+
+Cache: before every timed aggregation a 2x-L3-sized buffer is rewritten (``--flush once``), so
+every case starts cold; a streamed update is then folded right after it was made, as on a server
+where it was just received (making and encoding it is the traffic between two folds). Flower's
+K x 4 MB inputs cannot be cache-resident whatever is done. ``--flush each`` also flushes before
+every single fold (pessimistic for the streamed cases: the accumulator starts cold each time).
+
+*Wall s*: best of ``--repeats`` of the whole aggregation of K updates. *MB/s*: fp32-equivalent
+input (K x parameters x 4 B, 1 MB = 10**6 B) per second. *Extra RSS*: the child's kernel peak
+(``VmHWM``, reset through ``/proc/self/clear_refs`` once the baseline is taken) minus its
+baseline RSS after imports and set-up; the benchmark's own noise pool and cache-flush buffer
+are allocated before the baseline, while the in-flight update (float copy and payload) counts.
+For Flower the resident inputs count: its API requires them. Every timed pass also records its
+minor page faults: Flower's calls swing by 10-20x depending on whether glibc hands its K weighted
+copies already-mapped memory (no faults) or fresh pages, so all runs are printed, not only the best.
+
+    python benchmarks/aggregation.py [--ks 200 1000] [--repeats 3] [--seed 0] [--flush once|each]
+
+Run it in an environment with ``flwr`` installed; without it the Flower rows are skipped with
+a loud warning and the fedflock rows still print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from broker_server.aggregate import WeightedMean  # noqa: E402
+from edge_agent.codecs import CodecSpec, decode_update, encode_update  # noqa: E402
+
+SHAPES: dict[str, tuple[int, ...]] = {  # 1x28x28 -> conv32 -> conv64 -> 2x pool -> fc312 -> fc10
+    "conv1.weight": (32, 1, 3, 3),
+    "conv1.bias": (32,),
+    "conv2.weight": (64, 32, 3, 3),
+    "conv2.bias": (64,),
+    "fc1.weight": (312, 3136),
+    "fc1.bias": (312,),
+    "fc2.weight": (10, 312),
+    "fc2.bias": (10,),
+}
+NAMES = list(SHAPES)
+PARAMS = sum(math.prod(shape) for shape in SHAPES.values())
+POOL = 2 * PARAMS  # seeded N(0, 0.01) noise; update i is a slice of it at a seeded offset
+CASES = ("fedflock-fp32", "fedflock-int8", "flower-fp32", "flower-int8", "numpy-fp32")
+FLOWER_BYTES_PER_UPDATE = 2.2 * PARAMS * 4  # inputs + aggregate's weighted copies + slack
+RSS_GOAL_MB = 200.0
+SPEED_GOAL = 5.0
+BANDWIDTH_GOAL = 0.5
+
+
+# --------------------------------------------------------------------------- child side
+
+
+def _l3_bytes() -> int:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+class _CacheFlusher:
+    """Rewrites a buffer twice the L3 size so the next timed pass starts from DRAM."""
+
+    def __init__(self) -> None:
+        self._buffer = np.zeros(2 * _l3_bytes(), dtype=np.uint8)
+        self._tick = 0
+
+    def __call__(self) -> None:
+        self._tick = (self._tick + 1) % 251
+        self._buffer.fill(self._tick)
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False if the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _update(pool: np.ndarray, seed: int, i: int) -> tuple[int, dict[str, np.ndarray], np.random.Generator]:
+    """Update ``i``: ``(num_examples, float32 tensors, rng for stochastic rounding)``, seeded by (seed, i).
+
+    A function rather than a generator body so no suspended frame keeps the float copy alive.
+    """
+    rng = np.random.default_rng([seed, i])
+    offset = int(rng.integers(0, POOL - PARAMS + 1))
+    flat = pool[offset : offset + PARAMS] * np.float32(rng.uniform(0.5, 2.0))
+    tensors, start = {}, 0
+    for name, shape in SHAPES.items():
+        size = math.prod(shape)
+        tensors[name] = flat[start : start + size].reshape(shape)
+        start += size
+    return int(rng.integers(16, 513)), tensors, rng
+
+
+def _payloads(pool: np.ndarray, k: int, seed: int, spec: CodecSpec) -> Iterator[tuple[int, bytes]]:
+    """Encoded updates one at a time, as they would arrive; nothing but the payload is kept."""
+    for i in range(k):
+        weight, tensors, rng = _update(pool, seed, i)
+        payload = encode_update(tensors, spec, rng=rng, order=NAMES)
+        del tensors
+        yield weight, payload
+        del payload
+
+
+def _fedflock(pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None]) -> tuple[float, dict]:
+    spec = CodecSpec.parse(codec)
+    mean = WeightedMean()
+    elapsed = 0.0
+    for weight, payload in _payloads(pool, k, seed, spec):
+        flush()
+        start = time.perf_counter()
+        mean.add_encoded(payload, float(weight), SHAPES)
+        elapsed += time.perf_counter() - start
+        del payload
+    start = time.perf_counter()
+    result = mean.result()
+    elapsed += time.perf_counter() - start
+    return elapsed, result
+
+
+def _numpy_loop(pool: np.ndarray, k: int, seed: int, flush: Callable[[], None]) -> tuple[float, dict]:
+    acc: dict[str, np.ndarray] = {}
+    total = 0.0
+    elapsed = 0.0
+    for i in range(k):
+        weight, tensors, _ = _update(pool, seed, i)
+        flush()
+        start = time.perf_counter()
+        w = float(weight)
+        for name, x in tensors.items():
+            if name not in acc:
+                acc[name] = np.zeros(x.shape, dtype=np.float64)
+            acc[name] += np.multiply(x, w, dtype=np.float64)  # acc += w * x, in float64
+        total += w
+        elapsed += time.perf_counter() - start
+        del tensors
+    start = time.perf_counter()
+    result = {name: (value / total).astype(np.float32) for name, value in acc.items()}
+    elapsed += time.perf_counter() - start
+    return elapsed, result
+
+
+def _flower_inputs(pool: np.ndarray, k: int, seed: int, codec: str) -> tuple[list, float]:
+    """The ``(NDArrays, num_examples)`` list Flower's aggregate takes; plus seconds spent decoding."""
+    results: list[tuple[list[np.ndarray], int]] = []
+    decode_s = 0.0
+    if codec == "fp32":
+        for i in range(k):
+            weight, tensors, _ = _update(pool, seed, i)
+            results.append(([tensors[name] for name in NAMES], weight))
+        return results, decode_s
+    for weight, payload in _payloads(pool, k, seed, CodecSpec.parse(codec)):
+        start = time.perf_counter()
+        decoded = decode_update(payload, SHAPES)
+        decode_s += time.perf_counter() - start
+        results.append(([decoded[name] for name in NAMES], weight))
+    return results, decode_s
+
+
+def _child(case: str, k: int, seed: int, repeats: int, result_path: str | None, flush_mode: str) -> dict:
+    report: dict = {"case": case, "k": k}
+    aggregate = None
+    if case.startswith("flower"):
+        try:
+            import flwr
+            from flwr.server.strategy.aggregate import aggregate
+        except Exception as exc:  # any import failure means "no Flower here"
+            return {**report, "error": f"flwr not importable: {type(exc).__name__}: {exc}"}
+        report["flwr"] = flwr.__version__
+    pool = np.random.default_rng([seed, 2**31]).standard_normal(POOL, dtype=np.float32)
+    pool *= np.float32(0.01)
+    flusher = _CacheFlusher()
+    flusher()
+    flush = flusher if flush_mode == "each" else (lambda: None)
+    baseline = _vm_kib("VmRSS")
+    report["peak_reset"] = _reset_peak()
+    times: list[float] = []
+    faults: list[int] = []  # minor page faults per timed pass (streamed cases: the whole pass, generation included)
+    result: dict | list | None = None
+    if case.startswith("flower"):
+        results, report["decode_s"] = _flower_inputs(pool, k, seed, case.split("-", 1)[1])
+        report["inputs_mb"] = (_vm_kib("VmRSS") - baseline) * 1024 / 1e6
+        for _ in range(repeats):
+            result = None
+            flusher()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            result = aggregate(results)
+            times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        result = dict(zip(NAMES, result, strict=True))
+    else:
+        for _ in range(repeats):
+            result = None
+            flusher()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            if case == "numpy-fp32":
+                elapsed, result = _numpy_loop(pool, k, seed, flush)
+            else:
+                elapsed, result = _fedflock(pool, k, seed, case.split("-", 1)[1], flush)
+            times.append(elapsed)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    report["times"] = times
+    report["faults"] = faults
+    report["extra_mb"] = (_vm_kib("VmHWM") - baseline) * 1024 / 1e6
+    if result_path:
+        np.save(result_path, np.concatenate([np.asarray(result[name], dtype=np.float32).ravel() for name in NAMES]))
+    return report
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def _flower_probe() -> tuple[str | None, str | None]:
+    """(flwr version, None) if Flower's aggregate imports here, else (None, reason)."""
+    try:
+        import flwr
+        from flwr.server.strategy.aggregate import aggregate  # noqa: F401
+    except Exception as exc:  # same: any failure means no Flower
+        return None, f"{type(exc).__name__}: {exc}"
+    return flwr.__version__, None
+
+
+def _run_child(case: str, k: int, args: argparse.Namespace, result_path: str) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", case, "--ks", str(k)]
+    command += ["--seed", str(args.seed), "--repeats", str(args.repeats), "--result", result_path]
+    command += ["--flush", args.flush]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"case": case, "k": k, "error": f"child exited {done.returncode}: {done.stderr.strip()[-2000:]}"}
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report["child_s"] = time.monotonic() - started
+    return report
+
+
+def _flower_k(k: int) -> int:
+    """The largest K <= k whose Flower inputs and weighted copies fit in 80 % of available RAM."""
+    available = psutil.virtual_memory().available * 0.8
+    return max(1, min(k, int(available // FLOWER_BYTES_PER_UPDATE)))
+
+
+def _machine() -> str:
+    memory = psutil.virtual_memory()
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return (
+        f"{model}, {os.cpu_count()} CPUs, L3 {_l3_bytes() >> 20} MiB, RAM {memory.total / 2**30:.1f} GiB "
+        f"({memory.available / 2**30:.1f} GiB available), load average {load}; "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, numpy {np.__version__}"
+    )
+
+
+def _fmt_mb(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def _per_update(reports: dict[tuple[str, int], dict], case: str, k: int) -> float | None:
+    """Best seconds per update of ``case`` at ``k`` (None if it did not run)."""
+    report = reports.get((case, k), {})
+    return min(report["times"]) / report["k"] if "times" in report else None
+
+
+def _table(reports: dict[tuple[str, int], dict], ks: list[int], flower_ks: dict[int, int]) -> list[str]:
+    mb = PARAMS * 4 / 1e6
+    columns = ["K", "path", "codec", "wall s (best)", "all runs s", "MB/s fp32-equiv", "vs Flower", "extra RSS MB"]
+    columns.append("of numpy-loop MB/s")
+    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    labels = {
+        "fedflock-fp32": ("fedflock `WeightedMean.add_encoded`", "fp32"),
+        "fedflock-int8": ("fedflock `WeightedMean.add_encoded`", "int8"),
+        "flower-fp32": ("Flower `aggregate`", "fp32"),
+        "flower-int8": ("Flower `aggregate` (int8 decoded first, decode not timed)", "int8"),
+        "numpy-fp32": ("numpy loop `acc += w * x` (float64)", "fp32"),
+    }
+    for k in ks:
+        numpy_rate = _per_update(reports, "numpy-fp32", k)
+        for case in CASES:
+            path, codec = labels[case]
+            report = reports.get((case, k), {})
+            if "times" not in report:
+                lines.append(f"| {k} | {path} | {codec} | not run: {report.get('error', 'skipped')[:80]} | | | | | |")
+                continue
+            ran_k = report["k"]
+            best = min(report["times"])
+            rate = best / ran_k
+            flower = _per_update(reports, "flower-int8" if codec == "int8" else "flower-fp32", k)
+            ratio = f"{flower / rate:.1f}x" if flower else "n/a"
+            fraction = f"{numpy_rate / rate:.0%}" if numpy_rate else "n/a"
+            extra = _fmt_mb(report["extra_mb"])
+            if case.startswith("flower"):
+                extra += f" (inputs {_fmt_mb(report['inputs_mb'])})"
+            runs = " / ".join(f"{t:.3f}" for t in report["times"])
+            shown_k = f"{k}" if ran_k == k else f"{k} (ran {ran_k})"
+            seconds = f"{best:.3f}" if ran_k == k else f"{best:.3f} (x{k / ran_k:.2f} = {rate * k:.3f})"
+            cells = [shown_k, path, codec, seconds, runs, f"{mb / rate:,.0f}", ratio, extra, fraction]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _checks(result_dir: Path, ks: list[int], reports: dict[tuple[str, int], dict]) -> list[str]:
+    """fedflock's mean vs Flower's and the numpy loop's on the same updates (same K only)."""
+    lines = []
+    pairs = [("fedflock-fp32", "flower-fp32"), ("fedflock-int8", "flower-int8"), ("fedflock-fp32", "numpy-fp32")]
+    for k in ks:
+        for ours, theirs in pairs:
+            a, b = reports.get((ours, k), {}), reports.get((theirs, k), {})
+            if "times" not in a or "times" not in b or a["k"] != b["k"]:
+                continue
+            x = np.load(result_dir / f"{ours}-{k}.npy")
+            y = np.load(result_dir / f"{theirs}-{k}.npy")
+            diff = float(np.max(np.abs(x.astype(np.float64) - y)))
+            scale = float(np.max(np.abs(y)))
+            lines.append(f"K={k}: {ours} vs {theirs}: max |diff| {diff:.2e} (max |value| {scale:.2e})")
+    return lines
+
+
+def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
+    lines = []
+    for k in ks:
+        numpy_report = reports.get(("numpy-fp32", k), {})
+        numpy_rate = min(numpy_report["times"]) / numpy_report["k"] if "times" in numpy_report else None
+        for codec in ("fp32", "int8"):
+            ours = reports.get((f"fedflock-{codec}", k), {})
+            flower = reports.get((f"flower-{codec}", k), {})
+            if "times" not in ours:
+                continue
+            rate = min(ours["times"]) / ours["k"]
+            parts = []
+            flower_rates = [
+                min(report["times"]) / report["k"]
+                for report in (reports.get(("flower-fp32", k), {}), reports.get(("flower-int8", k), {}))
+                if "times" in report
+            ]
+            if "times" in flower:
+                speed = (min(flower["times"]) / flower["k"]) / rate
+                fastest = min(flower_rates) / rate
+                parts.append(
+                    f">= {SPEED_GOAL:.0f}x Flower: {'met' if speed >= SPEED_GOAL else 'NOT met'} ({speed:.1f}x its "
+                    f"{codec} row; {fastest:.1f}x its fastest call on either row)"
+                )
+            else:
+                parts.append(">= 5x Flower: not measured (no Flower)")
+            rss_ok = ours["extra_mb"] <= RSS_GOAL_MB
+            parts.append(f"extra RSS <= 0.2 GB: {'met' if rss_ok else 'NOT met'} ({ours['extra_mb']:.1f} MB)")
+            if numpy_rate:
+                share = numpy_rate / rate
+                ok = share >= BANDWIDTH_GOAL
+                parts.append(f">= 50% of numpy loop: {'met' if ok else 'NOT met'} ({share:.0%})")
+            lines.append(f"K={k} {codec}: " + "; ".join(parts))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ks", type=int, nargs="+", default=[200, 1000])
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per case")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument(
+        "--flush",
+        choices=("once", "each"),
+        default="once",
+        help="rewrite a 2x-L3 buffer before every timed aggregation (once, default) or, for the streamed "
+        "cases, before every single fold (each: pessimistic, the accumulator starts cold every update)",
+    )
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(_child(args.child, args.ks[0], args.seed, args.repeats, args.result, args.flush)))
+        return
+
+    started = time.monotonic()
+    flwr_version, flwr_error = _flower_probe()
+    command = " ".join([sys.executable, *sys.argv])
+    print(f"command: {command}")
+    print(f"machine: {_machine()}")
+    print(f"flwr: {flwr_version or 'NOT INSTALLED'}")
+    print(
+        f"model: {PARAMS:,} parameters ({PARAMS * 4 / 1e6:.2f} MB fp32) in {len(SHAPES)} tensors; "
+        f"seed {args.seed}; best of {args.repeats}; "
+        + f"cache flushed ({2 * _l3_bytes() >> 20} MiB buffer) "
+        + (
+            "before every timed aggregation; a streamed update is folded right after it is made\n"
+            if args.flush == "once"
+            else "before every single fold of the streamed cases and before Flower's call\n"
+        )
+    )
+    if flwr_error:
+        banner = "!" * 78
+        print(
+            f"{banner}\n!! Flower NOT importable ({flwr_error});\n!! Flower rows are skipped, "
+            f"no speed ratios. Install flwr to run the comparison.\n{banner}\n",
+            flush=True,
+        )
+        print(f"{banner}\n!! Flower NOT importable: {flwr_error}\n{banner}", file=sys.stderr, flush=True)
+
+    reports: dict[tuple[str, int], dict] = {}
+    flower_ks: dict[int, int] = {}
+    with tempfile.TemporaryDirectory(prefix="ff-aggregation-") as tmp:
+        result_dir = Path(tmp)
+        for k in args.ks:
+            for case in args.cases:
+                run_k = k
+                if case.startswith("flower"):
+                    if flwr_error:
+                        reports[(case, k)] = {"case": case, "k": k, "error": "flwr not importable"}
+                        continue
+                    run_k = flower_ks.setdefault(k, _flower_k(k))
+                    if run_k < k:
+                        print(
+                            f"note: Flower at K={k} needs ~{k * FLOWER_BYTES_PER_UPDATE / 1e9:.1f} GB; "
+                            f"running K={run_k} (largest that fits) and scaling linearly",
+                            flush=True,
+                        )
+                report = _run_child(case, run_k, args, str(result_dir / f"{case}-{k}.npy"))
+                reports[(case, k)] = report
+                if "times" in report:
+                    print(
+                        f"  {case} K={run_k}: best {min(report['times']):.3f} s of "
+                        f"{', '.join(f'{t:.3f}' for t in report['times'])} (minor faults {report['faults']}); "
+                        f"extra RSS {report['extra_mb']:.1f} MB; "
+                        f"child wall {report['child_s']:.0f} s"
+                        + (f"; decode {report['decode_s']:.2f} s (not timed)" if report.get("decode_s") else ""),
+                        flush=True,
+                    )
+                else:
+                    print(f"  {case} K={run_k}: {report['error']}", flush=True)
+        checks = _checks(result_dir, args.ks, reports)
+
+    print()
+    print("\n".join(_table(reports, args.ks, flower_ks)))
+    print()
+    print("\n".join(checks))
+    print()
+    print("\n".join(_goals(reports, args.ks)))
+    if any(not report.get("peak_reset", True) for report in reports.values()):
+        print("warning: /proc/self/clear_refs refused; peaks include import-time memory")
+    if flwr_error:
+        print(f"\n!! Flower NOT importable ({flwr_error}): no comparison was made.")
+    print(f"\ntotal wall time {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
