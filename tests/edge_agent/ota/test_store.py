@@ -17,22 +17,7 @@ from edge_agent.errors import BundleError, StorageError, TrainingError
 from edge_agent.ota.archive import pack_bundle
 from edge_agent.ota.store import INSTALL_STEPS, ModelStore
 from edge_agent.runtime.bundle import Bundle
-from tests.edge_agent.ota import Release, derive_bundle, evaluate_loss, predict, release
-
-
-@pytest.fixture(scope="module")
-def v1(digits_bundle: Bundle) -> Release:
-    return release(digits_bundle.directory)
-
-
-@pytest.fixture(scope="module")
-def v2(digits_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Release:
-    return release(derive_bundle(digits_bundle.directory, tmp_path_factory.mktemp("v2") / "b", scale=0.5))
-
-
-@pytest.fixture(scope="module")
-def v3(digits_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Release:
-    return release(derive_bundle(digits_bundle.directory, tmp_path_factory.mktemp("v3") / "b", scale=2.0))
+from tests.edge_agent.ota import Release, evaluate_loss, predict
 
 
 class Clock:

@@ -34,25 +34,10 @@ from edge_agent.protocol.model_messages import ModelMessage
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import OrtTrainer
-from tests.edge_agent.ota import Release, derive_bundle, evaluate_loss, release
+from tests.edge_agent.ota import Release, evaluate_loss
 
 DEVICE, CHUNK = "dev-1", 4096
 TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def v1(digits_bundle: Bundle) -> Release:
-    return release(digits_bundle.directory)
-
-
-@pytest.fixture(scope="module")
-def v2(digits_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Release:
-    return release(derive_bundle(digits_bundle.directory, tmp_path_factory.mktemp("v2") / "b", scale=0.5))
-
-
-@pytest.fixture(scope="module")
-def v3(digits_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Release:
-    return release(derive_bundle(digits_bundle.directory, tmp_path_factory.mktemp("v3") / "b", scale=2.0))
 
 
 class Clock:
