@@ -66,13 +66,17 @@ class WeightedMean:
     @classmethod
     def restore(cls, sums: Mapping[str, np.ndarray], *, total_weight: float, count: int) -> WeightedMean:
         """The mean as checkpointed by :meth:`sums`, ``total_weight`` and ``count``."""
+        mean = cls()
+        mean.load(sums, total_weight=total_weight, count=count)
+        return mean
+
+    def load(self, sums: Mapping[str, np.ndarray], *, total_weight: float, count: int) -> None:
+        """Continue from a checkpoint (subclasses with constructor arguments restore through this)."""
         if count < 0 or total_weight < 0 or (count > 0 and not sums):
             raise ValueError(f"inconsistent checkpoint: {count} updates, {len(sums)} sums, weight {total_weight}")
-        mean = cls()
-        mean._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
-        mean.total_weight = float(total_weight)
-        mean.count = int(count)
-        return mean
+        self._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
+        self.total_weight = float(total_weight)
+        self.count = int(count)
 
     def result(self) -> Tensors:
         if self.count == 0:

@@ -253,8 +253,6 @@ class Safeguards:
 def _clipping(mean: WeightedMean, clip: float, reference: Tensors | None) -> ClippedWeightedMean:
     """A :class:`ClippedWeightedMean` holding ``mean``'s sums, weight and count (they stay as they are)."""
     clipped = ClippedWeightedMean(clip=clip, reference=reference)
-    if mean.count:
-        # the stored sums were clipped when they were folded in: add them back unclipped, once
-        WeightedMean.add(clipped, mean.sums(), 1.0)
-        clipped.total_weight, clipped.count = mean.total_weight, mean.count
+    if mean.count:  # the stored sums were clipped when they were folded in: keep them as they are
+        clipped.load(mean.sums(), total_weight=mean.total_weight, count=mean.count)
     return clipped
