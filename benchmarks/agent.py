@@ -27,7 +27,6 @@ MB means 10^6 bytes in the goals of the issue; the table prints both MiB and MB 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -40,7 +39,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISLNK
 
 import numpy as np
 import psutil
@@ -48,7 +46,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.agent_report import IdleResult, TrainingResult, render  # noqa: E402
 from benchmarks.rss import RssSampler  # noqa: E402
+from benchmarks.venv_size import measure_venv  # noqa: E402
 from broker_server.mosquitto_process import MosquittoProcess  # noqa: E402
 from broker_server.server import FederatedServer, ServerConfig  # noqa: E402
 from edge_agent.protocol.messages import StatusMessage, decode_message  # noqa: E402
@@ -56,14 +56,8 @@ from edge_agent.protocol.topics import Topics  # noqa: E402
 from edge_agent.runtime.bundle import Bundle  # noqa: E402
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport, parse_mqtt_url  # noqa: E402
 
-IDLE_RSS_GOAL_MB = 60.0
-IDLE_CPU_GOAL_PERCENT = 1.0
-TRAINING_RATIO_GOAL = 0.35
-VENV_GOAL_MB = 200.0
 #: what ``pip install fedflock[agent]`` may pull in; none of these may be torch
-AGENT_REQUIREMENTS = ("onnxruntime", "numpy", "paho-mqtt", "psutil")
 #: what ``python3 -m venv`` puts in every venv before anything is installed
-VENV_BOOTSTRAP = ("pip", "setuptools")
 
 TORCH_TRAINER = """
 import sys, time, numpy as np, torch
@@ -81,34 +75,12 @@ print(open("/proc/self/status").read())  # VmHWM: the peak RSS of this program (
 """
 
 #: per-distribution file sizes, run by the venv's own interpreter
-SIZES_BY_DISTRIBUTION = """
-import json, os, sys
-from importlib import metadata
-out = {}
-for dist in metadata.distributions():
-    total = 0
-    for f in dist.files or ():
-        try:
-            total += os.lstat(dist.locate_file(f)).st_size
-        except OSError:
-            pass
-    out[dist.metadata["Name"]] = total
-json.dump(out, sys.stdout)
-"""
 
 _started = time.monotonic()
 
 
 def progress(message: str) -> None:
     print(f"[{time.monotonic() - _started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def mib(n: float) -> float:
-    return n / 2**20
-
-
-def mb(n: float) -> float:
-    return n / 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,50 +179,6 @@ def wait_online(mqtt_url: str, device_id: str, timeout_s: float, process: subpro
 
 # --------------------------------------------------------------------------------------------
 # Results
-
-
-@dataclass(frozen=True, kw_only=True)
-class IdleResult:
-    seconds: float
-    startup_wall_s: float
-    startup_cpu_s: float
-    rss_median: int
-    rss_max: int
-    uss_median: int | None
-    cpu_percent: float
-    threads: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainingResult:
-    examples: int
-    rounds: int
-    epochs: int
-    agent_peak: int
-    agent_sampled_peak: int
-    #: RSS a few seconds after the last task, the agent still connected (what an idle device holds)
-    agent_rss_after: int
-    #: CPU time of the agent while the server ran the rounds (tasks, codecs, MQTT)
-    agent_task_cpu_s: float
-    #: whole process, start-up included
-    agent_cpu_s: float
-    torch_peak: int
-    torch_sampled_peak: int
-    #: CPU time of the PyTorch training loop alone
-    torch_train_cpu_s: float
-    torch_cpu_s: float
-
-    @property
-    def ratio(self) -> float:
-        return self.agent_peak / self.torch_peak
-
-
-@dataclass(frozen=True, kw_only=True)
-class VenvResult:
-    total: int
-    distributions: dict[str, int]
-    estimate: bool
-    note: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -414,160 +342,6 @@ def measure_training(
 
 # --------------------------------------------------------------------------------------------
 # 3. Venv size
-
-
-def tree_size(root: Path) -> int:
-    """Sum of the sizes of the regular files under ``root``; symlinks are neither followed nor counted."""
-    total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
-            stat = os.lstat(os.path.join(directory, name))
-            if not S_ISLNK(stat.st_mode):
-                total += stat.st_size
-    return total
-
-
-def copy_source(dest: Path) -> Path:
-    """The distribution's sources without build artefacts, so pip's in-tree build leaves the repo alone."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist")
-    dest.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        if (REPO / name).exists():
-            shutil.copy2(REPO / name, dest / name)
-    for package in ("edge_agent", "broker_server", "model_export", "fedflock"):
-        shutil.copytree(REPO / package, dest / package, ignore=ignore)
-    return dest
-
-
-def measure_venv(work: Path) -> VenvResult:
-    venv = work / "venv"
-    progress("venv: python3 -m venv")
-    subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    source = copy_source(work / "src")
-    progress("venv: pip install <repo>[agent]")
-    pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{source}[agent]"],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    if pip.returncode != 0:
-        tail = " ".join((pip.stderr or pip.stdout).strip().splitlines()[-3:])
-        progress(f"venv: pip install failed, falling back to an estimate: {tail}")
-        return estimate_installed_size(f"pip install failed ({tail[:200]}); estimated from this environment")
-    sizes = json.loads(
-        subprocess.run([str(python), "-c", SIZES_BY_DISTRIBUTION], capture_output=True, text=True, check=True).stdout
-    )
-    names = {_normalize(name) for name in sizes}
-    site = next((venv / "lib").glob("python*/site-packages"))
-    if "torch" in names or (site / "torch").exists():
-        raise SystemExit("torch is in the agent-only venv: the `agent` extra must never pull it in")
-    return VenvResult(
-        total=tree_size(venv),
-        distributions=sizes,
-        estimate=False,
-        note=f"fresh venv, pip install fedflock[agent]; {len(sizes)} distributions, torch absent",
-    )
-
-
-def _normalize(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
-def estimate_installed_size(reason: str) -> VenvResult:
-    """Installed file sizes of the agent dependency closure in this environment, plus fedflock's sources."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    seen: dict[str, int] = {}
-    pending = list(AGENT_REQUIREMENTS)
-    while pending:
-        name = _normalize(pending.pop())
-        if name in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        paths = (Path(str(dist.locate_file(f))) for f in dist.files or ())
-        seen[name] = sum(path.lstat().st_size for path in paths if path.is_file() and not path.is_symlink())
-        for text in dist.requires or ():
-            requirement = Requirement(text)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                pending.append(requirement.name)
-    if "torch" in seen:
-        raise SystemExit("torch is in the agent dependency closure")
-    seen["fedflock (sources)"] = sum(
-        tree_size(REPO / p) for p in ("edge_agent", "broker_server", "model_export", "fedflock")
-    )
-    return VenvResult(total=sum(seen.values()), distributions=seen, estimate=True, note=reason)
-
-
-# --------------------------------------------------------------------------------------------
-# The table
-
-
-def verdict(ok: bool) -> str:
-    return "yes" if ok else "**no**"
-
-
-def memory(n: float) -> str:
-    return f"{mib(n):.1f} MiB ({mb(n):.1f} MB)"
-
-
-def seconds_pair(agent: float, torch: float) -> str:
-    return f"{agent:.2f} s / {torch:.2f} s ({agent / torch:.2f}×)"
-
-
-def render(idle: IdleResult | None, training: TrainingResult | None, venv: VenvResult | None, *, top: int = 6) -> str:
-    lines = ["| section | measurement | value | goal | met |", "|---|---|---:|---:|:---:|"]
-
-    def row(section: str, what: str, value: str, goal: str = "", met: bool | None = None) -> None:
-        lines.append(f"| {section} | {what} | {value} | {goal} | {'' if met is None else verdict(met)} |")
-
-    if idle is not None:
-        section = f"1. idle agent ({idle.seconds:.0f} s)"
-        rss_ok = mb(idle.rss_median) < IDLE_RSS_GOAL_MB
-        row(section, "RSS, median of 1 s samples", memory(idle.rss_median), f"< {IDLE_RSS_GOAL_MB:.0f} MB", rss_ok)
-        row(section, "RSS, max", memory(idle.rss_max))
-        row(section, "USS (private memory), median", "n/a" if idle.uss_median is None else memory(idle.uss_median))
-        cpu_ok = idle.cpu_percent < IDLE_CPU_GOAL_PERCENT
-        row(section, "CPU, % of one core", f"{idle.cpu_percent:.2f} %", f"< {IDLE_CPU_GOAL_PERCENT:.0f} %", cpu_ok)
-        row(section, "start-up until online, wall / CPU", f"{idle.startup_wall_s:.1f} s / {idle.startup_cpu_s:.1f} s")
-        row(section, "threads", str(idle.threads))
-    if training is not None:
-        t = training
-        section = f"2. training ({t.rounds} tasks × {t.epochs} epochs, {t.examples} examples)"
-        row(section, "fedflock agent peak RSS (onnxruntime + MQTT)", memory(t.agent_peak))
-        row(section, "PyTorch eager peak RSS (same model, data, epochs; no MQTT)", memory(t.torch_peak))
-        ratio_ok = t.ratio <= TRAINING_RATIO_GOAL
-        row(section, "agent / PyTorch", f"{t.ratio:.2f}×", f"≤ {TRAINING_RATIO_GOAL}×", ratio_ok)
-        sampled = f"{mib(t.agent_sampled_peak):.1f} / {mib(t.torch_sampled_peak):.1f} MiB"
-        row(section, "5 ms-sampled peaks, agent / PyTorch", sampled)
-        row(section, "agent RSS, idle again after the tasks", memory(t.agent_rss_after))
-        cpu = seconds_pair(t.agent_task_cpu_s, t.torch_train_cpu_s)
-        row(section, "CPU time of the training: agent tasks (incl. MQTT, codec) / PyTorch loop", cpu)
-        row(
-            section,
-            "whole-process CPU time incl. start-up, agent / PyTorch",
-            seconds_pair(t.agent_cpu_s, t.torch_cpu_s),
-        )
-    if venv is not None:
-        section = "3. agent-only install" + (" (**estimate**)" if venv.estimate else "")
-        what = "installed files (estimate)" if venv.estimate else "venv size on disk"
-        row(section, what, memory(venv.total), f"≤ {VENV_GOAL_MB:.0f} MB", mb(venv.total) <= VENV_GOAL_MB)
-        bootstrap = sum(size for name, size in venv.distributions.items() if _normalize(name) in VENV_BOOTSTRAP)
-        if bootstrap and not venv.estimate:
-            row(section, "venv size without pip and setuptools (venv's own bootstrap)", memory(venv.total - bootstrap))
-        biggest = sorted(venv.distributions.items(), key=lambda item: -item[1])
-        for name, size in biggest[:top]:
-            row(section, f"— {name}", f"{mib(size):.1f} MiB ({100 * size / venv.total:.0f} %)")
-        if rest := biggest[top:]:
-            row(section, f"— {len(rest)} others", f"{mib(sum(size for _, size in rest)):.1f} MiB")
-        row(section, "note", venv.note)
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -42,15 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,199 +56,12 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from broker_server.aggregate import WeightedMean  # noqa: E402
-from edge_agent.codecs import CodecSpec, decode_update, encode_update  # noqa: E402
+from benchmarks.aggregation_cases import CASES, PARAMS, SHAPES, child, l3_bytes  # noqa: E402
 
-SHAPES: dict[str, tuple[int, ...]] = {  # 1x28x28 -> conv32 -> conv64 -> 2x pool -> fc312 -> fc10
-    "conv1.weight": (32, 1, 3, 3),
-    "conv1.bias": (32,),
-    "conv2.weight": (64, 32, 3, 3),
-    "conv2.bias": (64,),
-    "fc1.weight": (312, 3136),
-    "fc1.bias": (312,),
-    "fc2.weight": (10, 312),
-    "fc2.bias": (10,),
-}
-NAMES = list(SHAPES)
-PARAMS = sum(math.prod(shape) for shape in SHAPES.values())
-POOL = 2 * PARAMS  # seeded N(0, 0.01) noise; update i is a slice of it at a seeded offset
-CASES = ("fedflock-fp32", "fedflock-int8", "flower-fp32", "flower-int8", "numpy-fp32")
 FLOWER_BYTES_PER_UPDATE = 2.2 * PARAMS * 4  # inputs + aggregate's weighted copies + slack
 RSS_GOAL_MB = 200.0
 SPEED_GOAL = 5.0
 BANDWIDTH_GOAL = 0.5
-
-
-# --------------------------------------------------------------------------- child side
-
-
-def _l3_bytes() -> int:
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
-    except (OSError, ValueError):
-        return 32 << 20
-
-
-class _CacheFlusher:
-    """Rewrites a buffer twice the L3 size so the next timed pass starts from DRAM."""
-
-    def __init__(self) -> None:
-        self._buffer = np.zeros(2 * _l3_bytes(), dtype=np.uint8)
-        self._tick = 0
-
-    def __call__(self) -> None:
-        self._tick = (self._tick + 1) % 251
-        self._buffer.fill(self._tick)
-
-
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False if the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def _update(pool: np.ndarray, seed: int, i: int) -> tuple[int, dict[str, np.ndarray], np.random.Generator]:
-    """Update ``i``: ``(num_examples, float32 tensors, rng for stochastic rounding)``, seeded by (seed, i).
-
-    A function rather than a generator body so no suspended frame keeps the float copy alive.
-    """
-    rng = np.random.default_rng([seed, i])
-    offset = int(rng.integers(0, POOL - PARAMS + 1))
-    flat = pool[offset : offset + PARAMS] * np.float32(rng.uniform(0.5, 2.0))
-    tensors, start = {}, 0
-    for name, shape in SHAPES.items():
-        size = math.prod(shape)
-        tensors[name] = flat[start : start + size].reshape(shape)
-        start += size
-    return int(rng.integers(16, 513)), tensors, rng
-
-
-def _payloads(pool: np.ndarray, k: int, seed: int, spec: CodecSpec) -> Iterator[tuple[int, bytes]]:
-    """Encoded updates one at a time, as they would arrive; nothing but the payload is kept."""
-    for i in range(k):
-        weight, tensors, rng = _update(pool, seed, i)
-        payload = encode_update(tensors, spec, rng=rng, order=NAMES)
-        del tensors
-        yield weight, payload
-        del payload
-
-
-def _fedflock(pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None]) -> tuple[float, dict]:
-    spec = CodecSpec.parse(codec)
-    mean = WeightedMean()
-    elapsed = 0.0
-    for weight, payload in _payloads(pool, k, seed, spec):
-        flush()
-        start = time.perf_counter()
-        mean.add_encoded(payload, float(weight), SHAPES)
-        elapsed += time.perf_counter() - start
-        del payload
-    start = time.perf_counter()
-    result = mean.result()
-    elapsed += time.perf_counter() - start
-    return elapsed, result
-
-
-def _numpy_loop(pool: np.ndarray, k: int, seed: int, flush: Callable[[], None]) -> tuple[float, dict]:
-    acc: dict[str, np.ndarray] = {}
-    total = 0.0
-    elapsed = 0.0
-    for i in range(k):
-        weight, tensors, _ = _update(pool, seed, i)
-        flush()
-        start = time.perf_counter()
-        w = float(weight)
-        for name, x in tensors.items():
-            if name not in acc:
-                acc[name] = np.zeros(x.shape, dtype=np.float64)
-            acc[name] += np.multiply(x, w, dtype=np.float64)  # acc += w * x, in float64
-        total += w
-        elapsed += time.perf_counter() - start
-        del tensors
-    start = time.perf_counter()
-    result = {name: (value / total).astype(np.float32) for name, value in acc.items()}
-    elapsed += time.perf_counter() - start
-    return elapsed, result
-
-
-def _flower_inputs(pool: np.ndarray, k: int, seed: int, codec: str) -> tuple[list, float]:
-    """The ``(NDArrays, num_examples)`` list Flower's aggregate takes; plus seconds spent decoding."""
-    results: list[tuple[list[np.ndarray], int]] = []
-    decode_s = 0.0
-    if codec == "fp32":
-        for i in range(k):
-            weight, tensors, _ = _update(pool, seed, i)
-            results.append(([tensors[name] for name in NAMES], weight))
-        return results, decode_s
-    for weight, payload in _payloads(pool, k, seed, CodecSpec.parse(codec)):
-        start = time.perf_counter()
-        decoded = decode_update(payload, SHAPES)
-        decode_s += time.perf_counter() - start
-        results.append(([decoded[name] for name in NAMES], weight))
-    return results, decode_s
-
-
-def _child(case: str, k: int, seed: int, repeats: int, result_path: str | None, flush_mode: str) -> dict:
-    report: dict = {"case": case, "k": k}
-    aggregate = None
-    if case.startswith("flower"):
-        try:
-            import flwr
-            from flwr.server.strategy.aggregate import aggregate
-        except Exception as exc:  # any import failure means "no Flower here"
-            return {**report, "error": f"flwr not importable: {type(exc).__name__}: {exc}"}
-        report["flwr"] = flwr.__version__
-    pool = np.random.default_rng([seed, 2**31]).standard_normal(POOL, dtype=np.float32)
-    pool *= np.float32(0.01)
-    flusher = _CacheFlusher()
-    flusher()
-    flush = flusher if flush_mode == "each" else (lambda: None)
-    baseline = _vm_kib("VmRSS")
-    report["peak_reset"] = _reset_peak()
-    times: list[float] = []
-    faults: list[int] = []  # minor page faults per timed pass (streamed cases: the whole pass, generation included)
-    result: dict | list | None = None
-    if case.startswith("flower"):
-        results, report["decode_s"] = _flower_inputs(pool, k, seed, case.split("-", 1)[1])
-        report["inputs_mb"] = (_vm_kib("VmRSS") - baseline) * 1024 / 1e6
-        for _ in range(repeats):
-            result = None
-            flusher()
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
-            result = aggregate(results)
-            times.append(time.perf_counter() - start)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        result = dict(zip(NAMES, result, strict=True))
-    else:
-        for _ in range(repeats):
-            result = None
-            flusher()
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            if case == "numpy-fp32":
-                elapsed, result = _numpy_loop(pool, k, seed, flush)
-            else:
-                elapsed, result = _fedflock(pool, k, seed, case.split("-", 1)[1], flush)
-            times.append(elapsed)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    report["times"] = times
-    report["faults"] = faults
-    report["extra_mb"] = (_vm_kib("VmHWM") - baseline) * 1024 / 1e6
-    if result_path:
-        np.save(result_path, np.concatenate([np.asarray(result[name], dtype=np.float32).ravel() for name in NAMES]))
-    return report
 
 
 # --------------------------------------------------------------------------- parent side
@@ -262,7 +72,7 @@ def _flower_probe() -> tuple[str | None, str | None]:
     try:
         import flwr
         from flwr.server.strategy.aggregate import aggregate  # noqa: F401
-    except Exception as exc:  # same: any failure means no Flower
+    except ImportError as exc:  # flwr (or one of its dependencies) is not installed here
         return None, f"{type(exc).__name__}: {exc}"
     return flwr.__version__, None
 
@@ -298,7 +108,7 @@ def _machine() -> str:
         pass
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return (
-        f"{model}, {os.cpu_count()} CPUs, L3 {_l3_bytes() >> 20} MiB, RAM {memory.total / 2**30:.1f} GiB "
+        f"{model}, {os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB, RAM {memory.total / 2**30:.1f} GiB "
         f"({memory.available / 2**30:.1f} GiB available), load average {load}; "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, numpy {np.__version__}"
     )
@@ -422,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(_child(args.child, args.ks[0], args.seed, args.repeats, args.result, args.flush)))
+        print(json.dumps(child(args.child, args.ks[0], args.seed, args.repeats, args.result, args.flush)))
         return
 
     started = time.monotonic()
@@ -434,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model: {PARAMS:,} parameters ({PARAMS * 4 / 1e6:.2f} MB fp32) in {len(SHAPES)} tensors; "
         f"seed {args.seed}; best of {args.repeats}; "
-        + f"cache flushed ({2 * _l3_bytes() >> 20} MiB buffer) "
+        + f"cache flushed ({2 * l3_bytes() >> 20} MiB buffer) "
         + (
             "before every timed aggregation; a streamed update is folded right after it is made\n"
             if args.flush == "once"
