@@ -75,6 +75,17 @@ class ServerConfig:
     robust: Mapping[str, Any] = field(default_factory=dict)
     #: tiered trust: None (off) or TrustConfig fields as a table ({} for the defaults)
     trust: Mapping[str, Any] | None = None
+    #: "sync": rounds (selection, deadline, aggregate); "async": buffered asynchronous aggregation
+    #: (FedBuff) with the settings of the ``asynchronous`` table
+    mode: str = "sync"
+    #: FedBuff settings as a table (buffer size, concurrency, staleness), used when mode is "async"
+    asynchronous: Mapping[str, Any] = field(default_factory=dict)
+    #: what a sync round does with its stragglers' updates: "drop" them, or "async": fold them into
+    #: the next version with staleness weighting
+    late_updates: str = "drop"
+    #: staged rollout of announced model versions as a table (broker_server.rollout); None: every
+    #: device is offered the announced version
+    rollout: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -101,6 +112,10 @@ class ServerConfig:
             raise ConfigError(f"budget_window_s must be a positive number, got {self.budget_window_s!r}")
         if self.strategy and self.server_lr != 1.0:
             raise ConfigError("server_lr applies to the default FedAvg; set server_lr in the strategy table instead")
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode must be 'sync' or 'async', got {self.mode!r}")
+        if self.late_updates not in ("drop", "async"):
+            raise ConfigError(f"late_updates must be 'drop' or 'async', got {self.late_updates!r}")
         self.selection_policy()  # ConfigError for a bad over_selection or budget
         self.make_strategy()  # ConfigError naming the bad strategy key
         self.trust_config()  # ConfigError naming the bad trust key
