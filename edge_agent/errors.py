@@ -79,3 +79,44 @@ class StorageError(FedflockError):
 
 class ExportError(FedflockError):
     code = "export_error"
+
+
+# Secure aggregation (edge_agent.secagg, issue #7). Malformed secagg bytes raise MalformedMessage and
+# well-formed but unacceptable messages ContractViolation, like every other wire message.
+#
+#   FedflockError
+#   └── SecAggError              secure aggregation failed or was refused
+#       ├── SecAggAbort          the round stopped (e.g. fewer than t devices left); it reveals no input
+#       ├── SecAggRefused        a client refuses a server request that would reveal too much
+#       ├── SecAggTampered       an encrypted share failed authentication, or a reconstructed key is wrong
+#       ├── InvalidShares        Shamir shares that cannot be used (duplicate/invalid indices, too few)
+#       ├── SecAggPhaseError     an operation in the wrong protocol phase
+#       └── SecAggInputError     a vector that cannot be aggregated (non-finite, wrong length, out of range)
+
+
+class SecAggError(FedflockError):
+    code = "secagg_error"
+
+
+class SecAggAbort(SecAggError):
+    code = "secagg_abort"
+
+
+class SecAggRefused(SecAggError):
+    code = "secagg_refused"
+
+
+class SecAggTampered(SecAggError):
+    code = "secagg_tampered"
+
+
+class InvalidShares(SecAggError):
+    code = "secagg_invalid_shares"
+
+
+class SecAggPhaseError(SecAggError):
+    code = "secagg_phase_error"
+
+
+class SecAggInputError(SecAggError):
+    code = "secagg_input_error"
