@@ -149,7 +149,7 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
         device_class=device_class,
         state_dir=_path(table, "state_dir", base) or base / f"{device_id}.state",
         bundle=_path(table, "bundle", base) or _missing("bundle"),
-        mqtt=_mqtt(_table(table, "mqtt"), base),
+        mqtt=parse_mqtt_settings(_table(table, "mqtt"), base),
         data=parse_data_config(_table(table, "data"), base_dir=base),
         policy=policy,
         network=_network(_table(table, "network")),
@@ -163,7 +163,8 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
     )
 
 
-def _mqtt(table: Mapping[str, Any], base: Path) -> MqttSettings:
+def parse_mqtt_settings(table: Mapping[str, Any], base: Path) -> MqttSettings:
+    """An ``[mqtt]`` table (shared by ``agent.toml`` and ``broker.toml``); relative paths resolve against ``base``."""
     if "password" in table:  # before the unknown-key check, which would not say what to do instead
         raise ConfigError("mqtt.password: put the password in a file and give mqtt.password_file")
     _no_unknown(table, _MQTT_KEYS, "mqtt.")

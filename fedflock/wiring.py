@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_agent.config import AgentFileConfig
+from edge_agent.config import AgentFileConfig, MqttSettings
 from edge_agent.presence import offline_will, online_birth
 from edge_agent.protocol.topics import Topics
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport, TlsConfig, parse_mqtt_url
@@ -29,17 +29,35 @@ def server_transport(url: str, client_id: str) -> MqttTransport:
     return MqttTransport(MqttConfig(host=host, port=port, client_id=client_id))
 
 
+def configured_server_transport(mqtt: MqttSettings, client_id: str) -> MqttTransport:
+    """The server's transport from its ``[mqtt]`` settings: TLS for mqtts:// urls, credentials from a file."""
+    return MqttTransport(
+        MqttConfig.from_url(
+            mqtt.url,
+            tls=_tls(mqtt),
+            client_id=client_id,
+            username=mqtt.username,
+            password_file=mqtt.password_file,
+            protocol=mqtt.protocol,
+        )
+    )
+
+
+def _tls(mqtt: MqttSettings) -> TlsConfig | None:
+    """The TLS files ``mqtt`` names (None: none named; an mqtts:// url then trusts the system's CAs)."""
+    if mqtt.ca_file is None and mqtt.cert_file is None:
+        return None
+    return TlsConfig(ca_file=mqtt.ca_file, cert_file=mqtt.cert_file, key_file=mqtt.key_file)
+
+
 def configured_device_transport(config: AgentFileConfig, *, bundle_digest: str, num_examples: int) -> MqttTransport:
     """A device's transport from its config file: TLS when the url is mqtts:// or TLS files are given."""
     mqtt = config.mqtt
     topics = Topics(mqtt.topic_prefix)
-    tls = None
-    if mqtt.ca_file is not None or mqtt.cert_file is not None:
-        tls = TlsConfig(ca_file=mqtt.ca_file, cert_file=mqtt.cert_file, key_file=mqtt.key_file)
     return MqttTransport(
         MqttConfig.from_url(
             mqtt.url,
-            tls=tls,
+            tls=_tls(mqtt),
             client_id=config.device_id,
             username=mqtt.username,
             password_file=mqtt.password_file,
