@@ -12,11 +12,22 @@ delta (a full buffer refuses the update); the streaming ``mean`` is still kept, 
 checkpoint the server store commits with every update (O(model)), but not applied. An update's
 weight is ``num_examples × multipliers[device]`` (tiered trust; 1 when the device has no entry).
 ``num_examples`` and the metrics stay weighted by example counts alone.
+
+**A buffered round after a restart** (:class:`Refill`). The store keeps a round's accepted task
+ids and its streaming checkpoint — the weighted sums of exactly those updates — but not the
+updates themselves, which a buffered rule needs as rows. The restored round's ``refill`` lists
+those tasks; the engine sends their TASKs again, each agent answers a task id it has already
+answered with its stored result (``Agent._accept_task``), and :meth:`RoundState.accept_update`
+turns such a re-sent update into a buffer row *only*: it is not counted, journaled, weighed into
+the mean or the metrics again (it returns False, like a duplicate). :meth:`Refill.verify` then
+checks the re-collected rows against the stored sums, so a device cannot swap its update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from broker_server.aggregate import WeightedMean
 from broker_server.robust import BufferFull, UpdateBuffer
@@ -27,6 +38,41 @@ from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 
 #: An update claiming more examples than this is rejected (protects the weighting).
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
+#: relative tolerance of :meth:`Refill.verify` (float64 sums of the same values in another order)
+REFILL_RTOL = 1e-9
+
+
+@dataclass
+class Refill:
+    """Rows of updates accepted before a restart, to be collected again (see the module docstring)."""
+
+    #: task id -> device id of the accepted updates whose rows are still missing
+    pending: dict[str, str]
+    #: the stored checkpoint: the weighted sums of exactly those updates
+    expected: WeightedMean
+    #: the same sums over the updates re-collected so far
+    received: WeightedMean = field(default_factory=WeightedMean)
+
+    @classmethod
+    def of(cls, tasks: dict[str, str], accepted: set[str], mean: WeightedMean) -> Refill:
+        """The refill of a restored round whose ``mean`` holds the ``accepted`` updates."""
+        expected = WeightedMean.restore(mean.sums(), total_weight=mean.total_weight, count=mean.count)
+        return cls(pending={task_id: tasks[task_id] for task_id in sorted(accepted)}, expected=expected)
+
+    def verify(self) -> str:
+        """Why the re-collected updates are not the ones stored ("" if they are; call once none is pending)."""
+        got, want = self.received, self.expected
+        if got.count != want.count or not np.isclose(got.total_weight, want.total_weight, rtol=REFILL_RTOL, atol=0):
+            return (
+                f"{got.count} re-sent updates weigh {got.total_weight:g}, the {want.count} stored before the "
+                f"restart weighed {want.total_weight:g}"
+            )
+        received = got.sums()
+        for name, value in want.sums().items():
+            scale = float(np.abs(value).max()) if value.size else 0.0
+            if not np.allclose(received[name], value, rtol=REFILL_RTOL, atol=REFILL_RTOL * scale):
+                return f"the re-sent updates differ from those accepted before the restart (tensor {name!r})"
+        return ""
 
 
 @dataclass
@@ -52,6 +98,8 @@ class RoundState:
     #: examples behind the accepted updates; -1 takes ``mean.total_weight`` (a restored round,
     #: whose checkpoint keeps only the weight: with trust multipliers that is the weighted total)
     examples: int = -1
+    #: a restored buffered round: the accepted updates whose rows must be collected again
+    refill: Refill | None = None
 
     def __post_init__(self) -> None:
         if self.examples < 0:
@@ -65,8 +113,8 @@ class RoundState:
     def num_examples(self) -> int:
         return self.examples
 
-    def _check_task(self, device_id: str, task_id: str, round_: int) -> bool:
-        """True if new; False for a duplicate; raises for anything not issued to this device."""
+    def _check_issued(self, device_id: str, task_id: str, round_: int) -> None:
+        """Raise for a result that this round did not ask ``device_id`` for."""
         if round_ != self.round:
             raise ContractViolation(f"result for round {round_}, current round is {self.round}")
         owner = self.tasks.get(task_id)
@@ -74,15 +122,52 @@ class RoundState:
             raise ContractViolation(f"unknown task id {task_id!r}")
         if owner != device_id:
             raise ContractViolation(f"task {task_id!r} was issued to {owner!r}, not {device_id!r}")
+
+    def _check_task(self, device_id: str, task_id: str, round_: int) -> bool:
+        """True if new; False for a duplicate; raises for anything not issued to this device."""
+        self._check_issued(device_id, task_id, round_)
         if task_id in self.accepted or task_id in self.failed:
             self.duplicates += 1
             return False
         return True
 
     def accept_update(self, update: UpdateMessage) -> bool:
-        """Fold ``update`` into the mean. False if it is a duplicate; raises if unacceptable."""
+        """Fold ``update`` into the mean. False if it is a duplicate (or a refilled row); raises if unacceptable."""
+        refill = self.refill
+        if refill is not None and update.task_id in refill.pending:
+            self._check_issued(update.device_id, update.task_id, update.round)
+            self._refill_row(refill, update, self._weight(update))
+            return False
         if not self._check_task(update.device_id, update.task_id, update.round):
             return False
+        weight = self._weight(update)
+        if self.buffer is not None:
+            try:
+                self.buffer.add_encoded(update.device_id, update.payload, weight)
+            except BufferFull as exc:
+                raise ContractViolation(exc.reason) from exc
+        expected = {spec.name: spec.shape for spec in self.specs}
+        self.mean.add_encoded(update.payload, weight, expected)  # validated in full by the buffer already
+        self.examples += update.num_examples
+        self.order.append(update.device_id)
+        for key, value in update.metrics.items():
+            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value * update.num_examples
+        self.accepted.add(update.task_id)
+        return True
+
+    def _refill_row(self, refill: Refill, update: UpdateMessage, weight: float) -> None:
+        """A re-sent update accepted before the restart: a buffer row, nothing counted again."""
+        if self.buffer is None:
+            raise ContractViolation(f"task {update.task_id!r}: a refill needs the round's update buffer")
+        try:
+            self.buffer.add_encoded(update.device_id, update.payload, weight)
+        except BufferFull as exc:
+            raise ContractViolation(exc.reason) from exc
+        refill.received.add_encoded(update.payload, weight, {spec.name: spec.shape for spec in self.specs})
+        del refill.pending[update.task_id]
+
+    def _weight(self, update: UpdateMessage) -> float:
+        """``num_examples x`` the device's trust multiplier; raises if the update is unacceptable."""
         if update.model_version != self.model_version:
             raise ContractViolation(f"update is based on model v{update.model_version}, task was v{self.model_version}")
         if update.num_examples > MAX_EXAMPLES_PER_UPDATE:
@@ -99,20 +184,7 @@ class RoundState:
         multiplier = self.multipliers.get(update.device_id, 1.0)
         if not multiplier > 0:
             raise ContractViolation(f"device {update.device_id!r} has trust weight {multiplier}: not accepted")
-        weight = float(update.num_examples) * multiplier
-        if self.buffer is not None:
-            try:
-                self.buffer.add_encoded(update.device_id, update.payload, weight)
-            except BufferFull as exc:
-                raise ContractViolation(exc.reason) from exc
-        expected = {spec.name: spec.shape for spec in self.specs}
-        self.mean.add_encoded(update.payload, weight, expected)  # validated in full by the buffer already
-        self.examples += update.num_examples
-        self.order.append(update.device_id)
-        for key, value in update.metrics.items():
-            self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value * update.num_examples
-        self.accepted.add(update.task_id)
-        return True
+        return float(update.num_examples) * multiplier
 
     def record_error(self, error: ErrorMessage) -> bool:
         if not self._check_task(error.device_id, error.task_id, error.round):

@@ -13,7 +13,17 @@
    streaming mean otherwise; and each device's trust multiplier. :meth:`Safeguards.admit`
    refuses a result from a quarantined device (:class:`Quarantined`, its reason). A round
    restored from the store continues unless :meth:`Safeguards.unresumable` says why it cannot
-   (a buffered rule's rows are not stored).
+   (its tasks no longer fit the update buffer). A restored *buffered* round gets a
+   :class:`~broker_server.rounds.Refill`: the store holds its accepted task ids and their
+   summed checkpoint, not the rows, so the engine re-sends those TASKs, agents answer them
+   with their stored results (rows only, nothing counted twice), and
+   :meth:`Safeguards.refilled` closes the refill: rows still missing at the deadline turn into
+   failed tasks, and a complete refill must match the stored sums or the round is abandoned.
+
+   Why re-collect rather than store rows: the agents already keep every result for
+   ``retention_s`` (7 days) and answer a re-delivered task id from it, so a restart costs one
+   upload per accepted update and no new storage; storing rows would add O(model) bytes per
+   update to every store backend and its schema, on the hot path of every acceptance.
 3. **Aggregation** — :meth:`Safeguards.aggregate` is the round's delta: the rule over the buffer
    or the streaming mean; the engine passes it to ``strategy.apply`` as before.
 4. **Trust** — :meth:`Safeguards.observe` measures every accepted update against the aggregate
@@ -33,6 +43,7 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,11 +62,11 @@ from broker_server.robust import (
     observe_rows,
 )
 from broker_server.robust_config import RobustSettings
-from broker_server.rounds import RoundState
+from broker_server.rounds import Refill, RoundState
 from edge_agent.errors import ConfigError, ContractViolation, StorageError
 from edge_agent.protocol.manifest import TensorSpec
 
-__all__ = ["TRUST_SETTING", "Quarantined", "Safeguards"]
+__all__ = ["TRUST_SETTING", "Quarantined", "RobustRound", "Safeguards"]
 
 log = logging.getLogger("fedflock.server")
 
@@ -65,6 +76,19 @@ Tensors = dict[str, np.ndarray]
 TRUST_SETTING = "reputation"
 #: "no clipping" for the statistics-only streaming mean (a finite update's norm never exceeds it)
 _NO_CLIP = sys.float_info.max
+
+
+@dataclass(frozen=True)
+class RobustRound:
+    """What the robust rule did to one completed round's updates (for metrics)."""
+
+    round: int
+    rule: str
+    updates: int
+    #: updates left out of the aggregate (Krum / Multi-Krum: not among its picks)
+    excluded: int = 0
+    #: updates norm clipping scaled down
+    clipped: int = 0
 
 
 class Quarantined(ContractViolation):
@@ -87,6 +111,8 @@ class Safeguards:
         self._rule: RowRule | None = settings.make_rule() if settings is not None and settings.buffered else None
         #: the last completed round's aggregate delta (the streaming statistics' reference)
         self._reference: Tensors | None = None
+        #: what the robust rule did in the last completed round (None without a rule)
+        self.last_round: RobustRound | None = None
 
     # -- selection -------------------------------------------------------------------------------
 
@@ -137,14 +163,14 @@ class Safeguards:
         """Give a new or restored round its aggregator and its devices' trust multipliers.
 
         A restored streaming round keeps its stored sums (already clipped) and clips what
-        arrives from now on; a restored buffered round cannot be prepared (its rows were never
-        stored): the engine abandons it.
+        arrives from now on; a restored buffered round gets a :class:`Refill` of the updates it
+        had accepted (their rows are collected again).
         """
         settings = self.settings
         if self.buffered and settings is not None:
-            if state.mean.count:
-                raise ValueError("a buffered round cannot continue from a stored streaming checkpoint")
             state.buffer = UpdateBuffer(self._flattener, rows=max(1, len(state.tasks)), config=settings.buffer)
+            if state.accepted:
+                state.refill = Refill.of(state.tasks, state.accepted, state.mean)
         elif settings is not None or self.reputation is not None:
             clip = settings.clip if settings is not None else _NO_CLIP
             reference = self._reference if self.reputation is not None else None
@@ -156,14 +182,33 @@ class Safeguards:
         """Why a round restored from the store cannot continue under these settings ("" if it can)."""
         if not self.buffered:
             return ""
-        if state.accepted:
-            return (
-                f"server restarted; {self.describe()} keeps a round's updates in memory only, "
-                f"so the {len(state.accepted)} stored before the restart cannot be aggregated"
-            )
         fit = self.max_tasks
         if fit is not None and len(state.tasks) > fit:
             return f"server restarted; the round's {len(state.tasks)} tasks do not fit the update buffer ({fit} rows)"
+        return ""
+
+    def refilled(self, state: RoundState) -> str:
+        """End a restored round's refill: why the round must be abandoned ("" to go on).
+
+        Tasks whose rows did not come back move from ``accepted`` to ``failed`` (the rule runs
+        without them; the store still counts them accepted, so a late copy stays a duplicate).
+        A complete refill is checked against the stored sums (:meth:`Refill.verify`).
+        """
+        refill, state.refill = state.refill, None
+        if refill is None:
+            return ""
+        if refill.pending:
+            for task_id, device_id in sorted(refill.pending.items()):
+                state.accepted.discard(task_id)
+                state.failed[task_id] = "accepted before the server restarted; not re-sent before the deadline"
+                log.warning(
+                    "round %d: %s did not re-send task %s; its update is left out", state.round, device_id, task_id
+                )
+            return ""
+        reason = refill.verify()
+        if reason:
+            return f"server restarted; {reason}"
+        log.info("round %d: %d updates accepted before the restart collected again", state.round, refill.received.count)
         return ""
 
     def aggregate(self, state: RoundState) -> tuple[Tensors, RuleReport | None]:
@@ -177,12 +222,20 @@ class Safeguards:
         return state.mean.result(), None
 
     def report(self, state: RoundState, report: RuleReport | None) -> None:
-        """Log what the rule did (Krum's picks, the updates clipping scaled down)."""
-        if report is not None and state.buffer is not None and report.rule in ("krum", "multi-krum"):
-            picked = report.ids(report.selected, state.buffer.device_ids)
-            log.info("round %d: %s averaged %s", state.round, self.describe(), ", ".join(picked))
-        if isinstance(state.mean, ClippedWeightedMean) and self.settings is not None:
+        """Log what the rule did (Krum's picks, the updates clipping scaled down); keep it as :attr:`last_round`."""
+        if self.settings is None:
+            return
+        if report is not None and state.buffer is not None:
+            excluded = report.n - len(report.selected) if report.rule in ("krum", "multi-krum") else 0
+            self.last_round = RobustRound(
+                state.round, self.describe(), report.n, excluded=excluded, clipped=len(report.clipped)
+            )
+            if report.rule in ("krum", "multi-krum"):
+                picked = report.ids(report.selected, state.buffer.device_ids)
+                log.info("round %d: %s averaged %s", state.round, self.describe(), ", ".join(picked))
+        if isinstance(state.mean, ClippedWeightedMean):
             clipped = [d for d, s in zip(state.order, state.mean.stats, strict=False) if s.clipped]
+            self.last_round = RobustRound(state.round, self.describe(), len(state.order), clipped=len(clipped))
             if clipped:
                 log.info(
                     "round %d: %s scaled down %d of %d updates (%s)",

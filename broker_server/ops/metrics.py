@@ -15,7 +15,19 @@ The server calls one method per event, from any thread; :meth:`ServerMetrics.ren
 ``round_duration_seconds``                  histogram  a round's duration (completed or abandoned)
 ``model_version``                           gauge      the version of the server's current model
 ``round_test_accuracy``                     gauge      the last completed round's test accuracy
+``trust_decisions_total{action}``           counter    tiered-trust decisions: outlier, quarantine, extend,
+                                                       release
+``devices_quarantined``                     gauge      devices tiered trust holds in quarantine
+``robust_updates_total{effect}``            counter    updates a robust rule left out of the aggregate
+                                                       (``excluded``: not among Krum's picks) or scaled
+                                                       down (``clipped``: norm clipping)
 ==========================================  =========  ==================================================
+
+Tiered trust and the robust rules are fed once per finished round from the server's state
+(:meth:`ServerMetrics.trust_observed`, :meth:`ServerMetrics.robust_observed`); both count only
+rounds newer than the last one counted, so passing the whole (bounded) event history each time
+counts every decision once. Results refused from quarantined devices are
+``updates_rejected_total{reason="quarantined"}``.
 
 Label values a peer could choose (the reason, the codec) are checked against a conservative
 pattern and counted as ``other`` otherwise, so a misbehaving device cannot create unbounded
@@ -28,12 +40,21 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from broker_server.ops.prometheus import Counter, Gauge, Histogram, MetricFamily, render
 
-__all__ = ["AGGREGATION_BUCKETS", "ROUND_BUCKETS", "RoundOutcome", "ServerMetrics"]
+__all__ = [
+    "AGGREGATION_BUCKETS",
+    "ROUND_BUCKETS",
+    "TRUST_ACTIONS",
+    "RobustOutcome",
+    "RoundOutcome",
+    "ServerMetrics",
+    "TrustEvent",
+]
 
 #: seconds; aggregation of small edge models takes milliseconds, large ones seconds
 AGGREGATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,6 +77,31 @@ class RoundOutcome(Protocol):
     def duration_s(self) -> float: ...
     @property
     def test_accuracy(self) -> float | None: ...
+
+
+#: the actions of :class:`~broker_server.robust.TrustDecision`
+TRUST_ACTIONS: tuple[str, ...] = ("outlier", "quarantine", "extend", "release")
+ROBUST_EFFECTS: tuple[str, ...] = ("excluded", "clipped")
+
+
+class TrustEvent(Protocol):
+    """What :meth:`ServerMetrics.trust_observed` reads of a :class:`~broker_server.robust.TrustDecision`."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def action(self) -> str: ...
+
+
+class RobustOutcome(Protocol):
+    """What :meth:`ServerMetrics.robust_observed` reads (:class:`~broker_server.safeguards.RobustRound`)."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def excluded(self) -> int: ...
+    @property
+    def clipped(self) -> int: ...
 
 
 def _label(value: str) -> str:
@@ -99,6 +145,21 @@ class ServerMetrics:
         self._accuracy = Gauge(
             "fedflock_round_test_accuracy", "Test accuracy of the model the last completed round produced."
         )
+        self._trust = Counter("fedflock_trust_decisions_total", "Tiered-trust decisions, by action.", ["action"])
+        for action in TRUST_ACTIONS:
+            self._trust.declare(action=action)
+        self._quarantined = Gauge("fedflock_devices_quarantined", "Devices tiered trust holds in quarantine.")
+        self._robust = Counter(
+            "fedflock_robust_updates_total",
+            "Updates a robust rule left out of the aggregate (excluded) or scaled down (clipped).",
+            ["effect"],
+        )
+        for effect in ROBUST_EFFECTS:
+            self._robust.declare(effect=effect)
+        #: the newest round whose trust decisions / robust outcome were counted
+        self._trust_round = 0
+        self._robust_round = 0
+        self._observed = threading.Lock()
         self._families: tuple[MetricFamily, ...] = (
             self._rounds,
             self._online,
@@ -112,6 +173,9 @@ class ServerMetrics:
             self._round_duration,
             self._model_version,
             self._accuracy,
+            self._trust,
+            self._quarantined,
+            self._robust,
         )
 
     def render(self) -> str:
@@ -161,3 +225,30 @@ class ServerMetrics:
     def set_model_version(self, version: int) -> None:
         """The server's current model (at start, and on a resumed federation)."""
         self._model_version.set(version)
+
+    def trust_observed(self, events: Iterable[TrustEvent], quarantined: int) -> None:
+        """Count the trust decisions of rounds not counted yet; ``quarantined`` devices now.
+
+        Pass the server's whole decision history (``FederatedServer.trust_events``) after each round.
+        """
+        with self._observed:
+            newest = self._trust_round
+            for event in events:
+                if event.round > self._trust_round:
+                    self._trust.inc(action=_label(event.action))
+                    newest = max(newest, event.round)
+            self._trust_round = newest
+        self._quarantined.set(quarantined)
+
+    def robust_observed(self, outcome: RobustOutcome | None) -> None:
+        """Count what the robust rule did in a round (once per round; None: nothing to count)."""
+        if outcome is None:
+            return
+        with self._observed:
+            if outcome.round <= self._robust_round:
+                return
+            self._robust_round = outcome.round
+        if outcome.excluded:
+            self._robust.inc(outcome.excluded, effect="excluded")
+        if outcome.clipped:
+            self._robust.inc(outcome.clipped, effect="clipped")

@@ -16,13 +16,20 @@
      "rollout": null | {"rollout_id", "version", "baseline_version", "status", "stage", "stages",
                         "percent", "reason", "installs": {"ok", "failed"}, "metric",
                         "canary_mean", "canary_reports", "baseline_mean", "baseline_reports",
-                        "blockers"}}
+                        "blockers"}},
+     "trust": null | {"quarantined": [{"device_id", "reason", "score", "strikes"}, ...],
+                      "recent": [{"device_id", "round", "action", "reason", "score"}, ...]}}
 
 A device is ``eligible`` exactly as :meth:`DeviceRegistry.eligible` decides: online, holding the
 bundle the server trains, and not having reported that it cannot train now. ``reasons`` says why
 not: ``source: "server"`` for what the server sees (offline, another bundle), ``source: "device"``
 for the checks the device reported failing in its STATUS. Device-reported text is untrusted: it is
 clipped here and the dashboard inserts it as text, never as HTML.
+
+With tiered trust on, a quarantined device is not ``eligible`` (the server does not select it)
+and its reasons include ``{"code": "quarantined", "text": <the quarantine's reason>, "source":
+"server"}``; ``trust`` lists the quarantined devices and the newest trust decisions (oldest
+first). ``trust`` is null when tiered trust is off.
 
 ``last_seen`` is on the clock the registry was fed (the server's monotonic clock by default), so
 ``now`` must come from that same clock; ``last_seen_age_s`` is what people read.
@@ -36,16 +43,20 @@ from dataclasses import asdict
 from typing import Any
 
 from broker_server.registry import DeviceRecord
+from broker_server.robust import Reputation, TrustDecision
 from broker_server.rollout import RolloutState
 from broker_server.server_config import RoundResult, ServerConfig
 
-__all__ = ["SCHEMA", "build_status", "config_view", "device_view", "rollout_view", "round_view"]
+__all__ = ["SCHEMA", "build_status", "config_view", "device_view", "rollout_view", "round_view", "trust_view"]
 
 SCHEMA = 1
 #: device-reported reasons kept per device, and characters kept per code / text
 MAX_REASONS = 16
 MAX_CODE = 64
 MAX_TEXT = 200
+#: characters kept of a (server-written) trust reason, and trust decisions listed
+MAX_TRUST_TEXT = 500
+RECENT_TRUST = 20
 
 
 def config_view(config: ServerConfig, *, strategy: str) -> dict[str, Any]:
@@ -86,9 +97,14 @@ def _device_reasons(eligibility: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def device_view(record: DeviceRecord, *, bundle_digest: str, now: float) -> dict[str, Any]:
+def device_view(
+    record: DeviceRecord, *, bundle_digest: str, now: float, quarantine: str | None = None
+) -> dict[str, Any]:
+    """One device; ``quarantine`` is tiered trust's reason when the device is quarantined."""
     current = record.bundle_digest == bundle_digest
     reasons: list[dict[str, str]] = []
+    if quarantine is not None:
+        reasons.append({"code": "quarantined", "text": quarantine[:MAX_TRUST_TEXT], "source": "server"})
     if not record.online:
         reasons.append({"code": "offline", "text": "the device is offline", "source": "server"})
     if not current:
@@ -109,7 +125,8 @@ def device_view(record: DeviceRecord, *, bundle_digest: str, now: float) -> dict
         "agent_version": record.agent_version,
         "num_examples": record.num_examples,
         "bundle_current": current,
-        "eligible": record.online and current and not record.declines,
+        "eligible": record.online and current and not record.declines and quarantine is None,
+        "quarantined": quarantine is not None,
         "phase": phase if isinstance(phase, str) else None,
         "reasons": reasons,
         "last_seen": record.last_seen,
@@ -151,6 +168,37 @@ def rollout_view(state: RolloutState, *, now: float | None = None) -> dict[str, 
     }
 
 
+def trust_view(
+    reputation: Reputation, events: Sequence[TrustDecision], *, recent: int = RECENT_TRUST
+) -> dict[str, Any]:
+    """The quarantined devices with their reasons, and the ``recent`` newest decisions (oldest first)."""
+    quarantined = []
+    for device_id in reputation.quarantined:
+        status = reputation.status(device_id)
+        quarantined.append(
+            {
+                "device_id": device_id,
+                "reason": status.reason[:MAX_TRUST_TEXT],
+                "score": status.score,
+                "strikes": status.strikes,
+            }
+        )
+    kept = list(events)[max(0, len(events) - recent) :]
+    return {
+        "quarantined": quarantined,
+        "recent": [
+            {
+                "device_id": e.device_id,
+                "round": e.round,
+                "action": e.action,
+                "reason": e.reason[:MAX_TRUST_TEXT],
+                "score": e.score,
+            }
+            for e in kept
+        ],
+    }
+
+
 def build_status(
     *,
     config: ServerConfig,
@@ -163,11 +211,21 @@ def build_status(
     rollout: RolloutState | None = None,
     rollout_now: float | None = None,
     last_rounds: int = 50,
+    reputation: Reputation | None = None,
+    trust_events: Sequence[TrustDecision] = (),
 ) -> dict[str, Any]:
-    """The status document (see the module docstring); ``rounds`` oldest first, the last ``last_rounds`` kept."""
+    """The status document (see the module docstring); ``rounds`` oldest first, the last ``last_rounds`` kept.
+
+    ``reputation`` (None: tiered trust is off) and ``trust_events`` are ``FederatedServer.reputation``
+    and ``FederatedServer.trust_events``.
+    """
     if last_rounds < 0:
         raise ValueError(f"last_rounds must be >= 0, got {last_rounds}")
-    views = [device_view(d, bundle_digest=bundle_digest, now=now) for d in sorted(devices, key=lambda d: d.device_id)]
+    held = {d: reputation.status(d).reason for d in reputation.quarantined} if reputation is not None else {}
+    views = [
+        device_view(d, bundle_digest=bundle_digest, now=now, quarantine=held.get(d.device_id))
+        for d in sorted(devices, key=lambda d: d.device_id)
+    ]
     kept = rounds[max(0, len(rounds) - last_rounds) :]
     return {
         "schema": SCHEMA,
@@ -182,4 +240,5 @@ def build_status(
         "rounds_total": len(rounds),
         "rounds": [round_view(r) for r in kept],
         "rollout": rollout_view(rollout, now=rollout_now) if rollout is not None else None,
+        "trust": trust_view(reputation, trust_events) if reputation is not None else None,
     }

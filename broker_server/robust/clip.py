@@ -186,7 +186,7 @@ class ClippedWeightedMean(WeightedMean):
 
     def add_encoded(
         self,
-        payload: bytes,
+        payload: bytes | bytearray | memoryview,
         weight: float,
         expected: Mapping[str, tuple[int, ...]],
         *,

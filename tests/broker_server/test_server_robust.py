@@ -8,10 +8,7 @@ and each rule's guarantee can be checked against numbers computed here independe
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -274,66 +271,6 @@ def test_attackers_are_quarantined_after_three_rounds_and_stay_out_across_a_rest
     assert (rejection.device_id, rejection.code) == ("mal-0", "quarantined")
     assert rejection.reason == first.trust_events[-3].reason
     assert stored["devices"]["mal-0"]["quarantined_at"] == 3 and stored["last_round"] == 5
-
-
-def test_a_buffered_round_interrupted_by_a_crash_is_abandoned_on_resume(bundle: Bundle, tmp_path: Path) -> None:
-    """The buffer's rows are not stored: the resumed round is closed with the reason, the next one runs."""
-    broker = InMemoryBroker()
-    devices = [ScriptedDevice(broker, d, bundle, honest_delta) for d in HONEST[:3]]
-    devices.append(ScriptedDevice(broker, "late", bundle, honest_delta, deaf=True))
-    settings = {"clients_per_round": 4, "min_clients": 4, "robust": {"rule": "median"}}
-    crash = threading.Event()
-
-    def clock() -> float:
-        if crash.is_set():
-            raise SimulatedCrash
-        return time.monotonic()
-
-    store = SqliteServerStore.open(tmp_path / "server.db")
-    try:
-        with fake_fleet(devices):  # type: ignore[arg-type]
-            transport = InMemoryTransport(broker, "a")
-            first = FederatedServer(transport, bundle, config(**settings), store=store, clock=clock)
-            first.start()
-            thread = threading.Thread(target=suppress_crash(first.run), daemon=True)
-            thread.start()
-            wait_for(lambda: (store.last_round() or 0) >= 1 and len(store.load_round(1).accepted) == 3)
-            crash.set()
-            thread.join(timeout=10)
-            transport.kill()
-            devices[-1].release()
-            second = FederatedServer(InMemoryTransport(broker, "b"), bundle, config(rounds=2, **settings), store=store)
-            second.start()
-            assert second.resumable_round == 1
-            results = second.run()
-            second.close()
-        assert [(r.round, r.completed, r.reported) for r in results] == [(1, False, 3), (2, True, 4)]
-        assert results[0].reason == (
-            "server restarted; median keeps a round's updates in memory only, "
-            "so the 3 stored before the restart cannot be aggregated"
-        )
-        assert store.load_round(1).round.status == "abandoned" and store.model_versions() == [0, 1]
-    finally:
-        store.close()
-
-
-class SimulatedCrash(Exception):
-    pass
-
-
-def suppress_crash(target: Callable[[], object]) -> Callable[[], None]:
-    def run() -> None:
-        with contextlib.suppress(SimulatedCrash):  # ends the thread like SIGKILL: nothing closed
-            target()
-
-    return run
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_streaming_trust_with_clipping_quarantines_attackers_against_the_previous_aggregate(bundle: Bundle) -> None:

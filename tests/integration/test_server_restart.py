@@ -147,9 +147,14 @@ def accepted_in_round_1(db: Path) -> int:
 
 
 @pytest.mark.timeout(180)
-def test_broker_killed_mid_round_resumes_and_counts_every_update_once(mosquitto, bundle, fleet, tmp_path) -> None:
+@pytest.mark.parametrize("robust", [None, "median"])
+def test_broker_killed_mid_round_resumes_and_counts_every_update_once(
+    mosquitto, bundle, fleet, tmp_path, robust: str | None
+) -> None:
+    """With ``--robust median`` the round's rows live in memory only: agent-0's stored update is
+    collected again by re-sending its TASK (it answers from its outbox), and not counted twice."""
     db, log = tmp_path / "server.db", tmp_path / "broker.log"
-    command = broker_command(mosquitto.url, bundle, tmp_path)
+    command = broker_command(mosquitto.url, bundle, tmp_path) + (["--robust", robust] if robust else [])
     fleet.run(0)
     first = start_broker(command, log)
     try:
@@ -173,7 +178,11 @@ def test_broker_killed_mid_round_resumes_and_counts_every_update_once(mosquitto,
         if second.poll() is None:
             second.kill()
     output = log.read_text()
-    assert "resuming round 1: 1 updates stored, re-sending 2 tasks" in output, output
+    if robust is None:
+        assert "resuming round 1: 1 updates stored, re-sending 2 tasks (0 to collect stored updates)" in output, output
+    else:
+        assert "resuming round 1: 1 updates stored, re-sending 3 tasks (1 to collect stored updates)" in output, output
+        assert "round 1: 1 updates accepted before the restart collected again" in output, output
 
     store = SqliteServerStore.open(db)
     try:
@@ -184,6 +193,8 @@ def test_broker_killed_mid_round_resumes_and_counts_every_update_once(mosquitto,
         assert all(t.state == "accepted" for t in rows.values()), rows
         # agent-1's first attempt was lost with the server; the re-sent TASK got its stored result again
         assert rows["agent-1"].key is not None and rows["agent-1"].key.endswith("/2"), rows["agent-1"]
+        # agent-0's update is stored once, as first sent (with median it was sent again, not counted again)
+        assert rows["agent-0"].key is not None and rows["agent-0"].key.endswith("/1"), rows["agent-0"]
         assert round_1.checkpoint.count == 3
         version_1 = store.get_model_version(1, weights=False)
         assert version_1 is not None and version_1.metrics["num_examples"] == sum(EXAMPLES)

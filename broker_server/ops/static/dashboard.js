@@ -156,12 +156,43 @@
     box.appendChild(dl);
   }
 
+  function renderTrust(trust) {
+    const on = Boolean(trust);
+    document.getElementById("trust-off").hidden = on;
+    document.getElementById("quarantined").hidden = !on;
+    document.getElementById("trust-events").hidden = !on || !trust.recent.length;
+    const held = document.querySelector("#quarantined tbody");
+    const events = document.querySelector("#trust-events tbody");
+    held.replaceChildren();
+    events.replaceChildren();
+    if (!on) return;
+    for (const q of trust.quarantined) {
+      held.appendChild(row([
+        { text: q.device_id },
+        { text: fmt(q.score, 2), cls: "num" },
+        { text: q.strikes, cls: "num" },
+        { text: q.reason, cls: "reasons" },
+      ], { "data-device-id": q.device_id, class: "quarantined" }));
+    }
+    if (!trust.quarantined.length) held.appendChild(row([{ text: "No device is quarantined.", cls: "muted" }]));
+    for (const e of trust.recent.slice().reverse()) {
+      events.appendChild(row([
+        { text: e.round, cls: "num" },
+        { text: e.device_id },
+        { text: e.action, cls: "trust-" + e.action },
+        { text: fmt(e.score, 2), cls: "num" },
+        { text: e.reason, cls: "reasons" },
+      ], { class: "trust-event" }));
+    }
+  }
+
   function render(status) {
     renderSummary(status);
     renderDevices(status.devices);
     renderRounds(status.rounds);
     renderPlot(status.rounds);
     renderRollout(status.rollout);
+    renderTrust(status.trust);
   }
 
   function showError(message) {

@@ -23,6 +23,9 @@ EXPECTED = {
     "fedflock_round_duration_seconds": "histogram",
     "fedflock_model_version": "gauge",
     "fedflock_round_test_accuracy": "gauge",
+    "fedflock_trust_decisions_total": "counter",
+    "fedflock_devices_quarantined": "gauge",
+    "fedflock_robust_updates_total": "counter",
 }
 
 
