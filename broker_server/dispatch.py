@@ -2,9 +2,10 @@
 
 :class:`Dispatcher` pulls what the transport queued (:meth:`Dispatcher.pump`), checks that each
 message comes from the device whose topic it was published on, reassembles chunked uploads, and
-hands it on: STATUS to the :class:`~broker_server.registry.DeviceRegistry`, FETCH to the
-:class:`~broker_server.models.ModelPublisher`, UPDATE and ERROR to the round engine's
-``on_result``. Anything unacceptable (a :class:`ProtocolError`) is logged with its reason and
+hands it on: STATUS to the :class:`~broker_server.registry.DeviceRegistry` and to the
+:class:`~broker_server.models.ModelPublisher` (a staged rollout folds install reports in), FETCH
+to the publisher, UPDATE and ERROR to the round engine's ``on_result``. Every pump also ticks the
+publisher (a rollout's soak time). Anything unacceptable (a :class:`ProtocolError`) is logged with its reason and
 counted in :attr:`Dispatcher.rejections`; it never stops the server and never disturbs updates
 already accepted. Any other error (e.g. a :class:`~edge_agent.errors.StorageError` committing an
 update) propagates and stops the server.
@@ -65,6 +66,7 @@ class Dispatcher:
     def pump(self, timeout: float) -> None:
         """Advance transfers, then handle every queued message (waiting up to ``timeout`` for the first)."""
         self._link.poll()
+        self._publisher.tick(self._transport)
         inbound = self._transport.receive(timeout=timeout)
         while inbound is not None:
             self.handle(inbound)
@@ -97,6 +99,7 @@ class Dispatcher:
     def _dispatch(self, kind: str, message: object) -> None:
         if kind == STATUS and isinstance(message, StatusMessage):
             self._registry.observe(message, self._clock())
+            self._publisher.observe(self._transport, message)
         elif kind == RESULTS and isinstance(message, FetchMessage):
             self._publisher.handle_fetch(message, self._link)
         elif kind == RESULTS and isinstance(message, UpdateMessage | ErrorMessage):

@@ -36,56 +36,28 @@ import numpy as np
 
 from broker_server.aggregate import WeightedMean
 from broker_server.rounds import MAX_EXAMPLES_PER_UPDATE
+from broker_server.staleness import ConstantStaleness, HingeStaleness, PolynomialStaleness, StalenessFn
 from edge_agent.codecs import CodecSpec, payload_codec
 from edge_agent.errors import ConfigError, ContractViolation, FedflockError, ProtocolError
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import UpdateMessage
 
+__all__ = [
+    "Accepted",
+    "BufferCheckpoint",
+    "BufferResult",
+    "ConstantStaleness",
+    "Contribution",
+    "FedBuff",
+    "FedBuffConfig",
+    "HingeStaleness",
+    "IssuedTask",
+    "PolynomialStaleness",
+    "Rejected",
+    "StalenessFn",
+]
+
 Tensors = dict[str, np.ndarray]
-#: staleness (versions behind, >= 0) -> weight factor in (0, 1]
-StalenessFn = Callable[[int], float]
-
-
-# -- staleness weighting -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConstantStaleness:
-    """Every admissible update counts fully (plain FedAvg over the buffer)."""
-
-    def __call__(self, staleness: int) -> float:
-        return 1.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class PolynomialStaleness:
-    """``1 / (1 + s) ** exponent``; the default exponent 0.5 is FedBuff's ``1/sqrt(1+s)``."""
-
-    exponent: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.exponent) and self.exponent >= 0):
-            raise ConfigError(f"staleness exponent must be finite and >= 0, got {self.exponent}")
-
-    def __call__(self, staleness: int) -> float:
-        return float((1.0 + staleness) ** -self.exponent)
-
-
-@dataclass(frozen=True, kw_only=True)
-class HingeStaleness:
-    """FedAsync's hinge: 1 up to ``threshold`` versions behind, then ``1 / (slope·(s - threshold) + 1)``."""
-
-    threshold: int = 4
-    slope: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.threshold < 0 or not (math.isfinite(self.slope) and self.slope >= 0):
-            raise ConfigError("hinge staleness needs threshold >= 0 and a finite slope >= 0")
-
-    def __call__(self, staleness: int) -> float:
-        if staleness <= self.threshold:
-            return 1.0
-        return 1.0 / (self.slope * (staleness - self.threshold) + 1.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +148,38 @@ class BufferResult:
     train_metrics: dict[str, float]
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class BufferCheckpoint:
+    """The open buffer as it stands (:meth:`FedBuff.snapshot`), or a sealed one
+    (:meth:`BufferCheckpoint.of_result`): what a server stores to survive a restart."""
+
+    #: the version the buffer's mean is applied to
+    base_version: int
+    #: float64 weighted sums ``sum(w_i * delta_i)`` ({} while empty)
+    sums: Tensors
+    total_weight: float
+    contributors: tuple[Contribution, ...]
+    #: example-weighted metric sums
+    metric_sums: dict[str, float]
+    num_examples: int
+
+    @classmethod
+    def of_result(cls, result: BufferResult) -> BufferCheckpoint:
+        """A sealed buffer as a checkpoint (its sums are ``mean_delta × total_weight``)."""
+        total = result.total_weight
+        return cls(
+            base_version=result.base_version,
+            sums={name: value.astype(np.float64) * total for name, value in result.mean_delta.items()},
+            total_weight=total,
+            contributors=result.contributors,
+            metric_sums={k: v * result.num_examples for k, v in result.train_metrics.items()},
+            num_examples=result.num_examples,
+        )
+
+
 @dataclass
 class _Buffer:
-    mean: WeightedMean = field(default_factory=WeightedMean)
+    mean: WeightedMean
     contributors: list[Contribution] = field(default_factory=list)
     metric_sums: dict[str, float] = field(default_factory=dict)
     num_examples: int = 0
@@ -202,7 +203,9 @@ class FedBuff:
         *,
         version: int = 0,
         task_of: Callable[[str], IssuedTask | None] | None = None,
+        mean_factory: Callable[[], WeightedMean] = WeightedMean,
     ) -> None:
+        """``mean_factory`` makes each buffer's mean (e.g. a clipping one for the ``clip`` rule)."""
         if version < 0:
             raise ConfigError("version must be >= 0")
         self.config = config
@@ -212,7 +215,8 @@ class FedBuff:
         self._task_of = task_of
         self._lock = threading.Lock()
         self._version = version
-        self._buffer = _Buffer()
+        self._new_mean = mean_factory
+        self._buffer = _Buffer(mean_factory())
         self._ready: deque[BufferResult] = deque()
         #: (device_id, task_id) -> the update's model version, for accepted updates
         self._seen: dict[tuple[str, str], int] = {}
@@ -267,6 +271,39 @@ class FedBuff:
             if not self._ready and partial and self._buffer.mean.count:
                 self._seal()
             return self._ready.popleft() if self._ready else None
+
+    def snapshot(self) -> BufferCheckpoint:
+        """The open buffer (sealed ones not flushed yet are not in it: take them with :meth:`flush`)."""
+        with self._lock:
+            buffer = self._buffer
+            return BufferCheckpoint(
+                base_version=self._version,
+                sums=buffer.mean.sums(),
+                total_weight=buffer.mean.total_weight,
+                contributors=tuple(buffer.contributors),
+                metric_sums=dict(buffer.metric_sums),
+                num_examples=buffer.num_examples,
+            )
+
+    def restore(self, checkpoint: BufferCheckpoint) -> None:
+        """Continue from ``checkpoint`` (a restart): its updates count as accepted (replays are
+        duplicates), and a checkpoint holding ``buffer_size`` updates is sealed at once."""
+        with self._lock:
+            if self._buffer.mean.count or self._ready:
+                raise ValueError("restore() needs an empty FedBuff")
+            if checkpoint.base_version < self._version:
+                raise ValueError(f"checkpoint is based on v{checkpoint.base_version}, FedBuff is at v{self._version}")
+            self._version = checkpoint.base_version
+            count = len(checkpoint.contributors)
+            if count:
+                self._buffer.mean.load(checkpoint.sums, total_weight=checkpoint.total_weight, count=count)
+            self._buffer.contributors = list(checkpoint.contributors)
+            self._buffer.metric_sums = dict(checkpoint.metric_sums)
+            self._buffer.num_examples = checkpoint.num_examples
+            for c in checkpoint.contributors:
+                self._seen[(c.device_id, c.task_id)] = c.model_version
+            if count >= self.config.buffer_size:
+                self._seal()
 
     # -- internals (lock held) -------------------------------------------------------------------
 
@@ -334,7 +371,7 @@ class FedBuff:
             raise ContractViolation(f"UPDATE says codec {codec!r}, its payload is {declared!r}")
 
     def _seal(self) -> None:
-        buffer, self._buffer = self._buffer, _Buffer()
+        buffer, self._buffer = self._buffer, _Buffer(self._new_mean())
         total = buffer.mean.total_weight
         self._ready.append(
             BufferResult(

@@ -16,21 +16,37 @@ CHUNK_ACKs arrive on the device's ``results`` topic as for any download). Decisi
   ``task_id`` ``model-v<N>``) on the device's inbox, and raises :class:`ContractViolation` so
   the server counts the rejection; beyond ``max_transfers`` concurrent transfers a FETCH is
   dropped unanswered (:class:`ProtocolError`; the device asks again after its timeout);
-* at most ``keep`` versions stay in memory (announced ones are never dropped).
+* at most ``keep`` versions stay in memory (announced ones, and those of a rollout, are never
+  dropped).
+
+With ``rollout`` settings (``ServerConfig.rollout``) the publisher owns a
+:class:`~broker_server.rollout_control.RolloutController`: :meth:`ModelPublisher.start_rollout`
+moves the channel's devices from the announced version to a new one in stages, FETCHes are
+answered only for each device's target version (others get the same ERROR as an unknown
+version), :meth:`ModelPublisher.observe` folds STATUS reports in and :meth:`ModelPublisher.tick`
+lets soak time count (the dispatcher calls both). A plain :meth:`ModelPublisher.announce` on the
+channel is refused while a rollout is active or halted, and ends a finished one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from broker_server.persistence.base import ServerStore
+from broker_server.rollout import RolloutState
+from broker_server.rollout_config import RolloutSettings
+from broker_server.rollout_control import RolloutController
 from edge_agent.errors import ConfigError, ContractViolation, ProtocolError, TransportError
 from edge_agent.ota.archive import pack_bundle
 from edge_agent.protocol.manifest import load_manifest
-from edge_agent.protocol.messages import MIN_CHUNK_BYTES, ErrorMessage, encode_message
+from edge_agent.protocol.messages import MIN_CHUNK_BYTES, ErrorMessage, StatusMessage, encode_message
 from edge_agent.protocol.model_messages import FetchMessage, ModelMessage, model_object_id
 from edge_agent.protocol.topics import Topics
 from edge_agent.transfer import DONE, SENDING, TransferLink
@@ -65,8 +81,18 @@ class ModelPublisher:
     """Announced bundle versions and the transfers serving them; single-threaded (the server's loop)."""
 
     def __init__(
-        self, topics: Topics, *, max_chunk_bytes: int = 256 * 1024, keep: int = 4, max_transfers: int = 64
+        self,
+        topics: Topics,
+        *,
+        max_chunk_bytes: int = 256 * 1024,
+        keep: int = 4,
+        max_transfers: int = 64,
+        rollout: RolloutSettings | None = None,
+        store: ServerStore | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``rollout``: staged rollouts on ``rollout.channel`` (None: every device gets the announced
+        version); ``store`` keeps the rollout across restarts; ``clock`` is wall time (soak)."""
         if max_chunk_bytes < MIN_CHUNK_BYTES or keep < 1 or max_transfers < 1:
             raise ConfigError(f"need max_chunk_bytes >= {MIN_CHUNK_BYTES}, keep >= 1 and max_transfers >= 1")
         self.topics = topics
@@ -76,6 +102,13 @@ class ModelPublisher:
         self._releases: dict[int, Release] = {}
         self._channels: dict[str, int] = {}  # channel -> announced version
         self._transfers: dict[str, str] = {}  # device id -> transfer id of its model download
+        self._dirs: dict[int, str] = {}  # version -> bundle directory it was added from
+        self._republish: str | None = None  # a channel to announce again after loading a rollout
+        self.rollout: RolloutController | None = None
+        if rollout is not None:
+            self.rollout = RolloutController(
+                rollout, topics, self, clock=clock, store=store, on_complete=self._completed
+            )
 
     def add(self, version: int, bundle_dir: str | Path) -> Release:
         """Pack ``bundle_dir`` as ``version`` (files are verified against the manifest first)."""
@@ -88,6 +121,7 @@ class ModelPublisher:
         archive = pack_bundle(bundle_dir)
         release = Release(version, digest, archive, hashlib.sha256(archive).hexdigest())
         self._releases[version] = release
+        self._dirs[version] = str(Path(bundle_dir).resolve())
         self._prune(also_keep=version)
         return release
 
@@ -100,6 +134,18 @@ class ModelPublisher:
         signature: str = "",
     ) -> ModelMessage:
         """Publish the retained MODEL for ``version`` on ``channel`` (adding ``bundle_dir`` first if given)."""
+        self._ensure_loaded()
+        controller = self.rollout if self.rollout is not None and self.rollout.channel == channel else None
+        if controller is not None and controller.running:
+            raise ConfigError(f"channel {channel!r} has a rollout running; its controller decides what devices run")
+        message = self._publish_channel(transport, channel, version, bundle_dir, signature)
+        if controller is not None and controller.state is not None:
+            controller.retire(transport, version)
+        return message
+
+    def _publish_channel(
+        self, transport: Transport, channel: str, version: int, bundle_dir: str | Path | None, signature: str = ""
+    ) -> ModelMessage:
         topic = self.topics.model_channel(channel)  # raises ConfigError for a bad channel name
         release = self.add(version, bundle_dir) if bundle_dir is not None else self._releases.get(version)
         if release is None:
@@ -113,10 +159,90 @@ class ModelPublisher:
 
     def announced(self, channel: str) -> int | None:
         """The version announced on ``channel`` by this publisher, if any."""
+        self._ensure_loaded()
         return self._channels.get(channel)
 
     def release(self, version: int) -> Release | None:
         return self._releases.get(version)
+
+    def digest_of(self, version: int) -> str | None:
+        release = self._releases.get(version)
+        return release.bundle_digest if release is not None else None
+
+    def announcement_of(self, version: int, channel: str) -> ModelMessage | None:
+        release = self._releases.get(version)
+        return release.announcement(channel) if release is not None else None
+
+    # -- staged rollout ----------------------------------------------------------------------------
+
+    def start_rollout(
+        self,
+        transport: Transport,
+        version: int,
+        bundle_dir: str | Path | None = None,
+        *,
+        baseline: int | None = None,
+        rollout_id: str = "",
+    ) -> RolloutState:
+        """Move the rollout channel's devices from ``baseline`` (default: the version announced
+        there) to ``version`` in the configured stages; the channel keeps announcing the baseline."""
+        controller = self._controller()
+        if bundle_dir is not None:
+            self.add(version, bundle_dir)
+        baseline = baseline if baseline is not None else self._channels.get(controller.channel)
+        if baseline is None:
+            raise ConfigError(f"nothing is announced on channel {controller.channel!r}: give the baseline version")
+        missing = [v for v in (version, baseline) if v not in self._releases]
+        if missing:
+            raise ConfigError(f"model version(s) {missing} are not held; give the bundle directory")
+        bundles = {v: self._dirs[v] for v in (version, baseline) if v in self._dirs}
+        return controller.start(transport, version, baseline, bundles, rollout_id)
+
+    def observe(self, transport: Transport, status: StatusMessage) -> None:
+        """A device's STATUS (the dispatcher forwards each one)."""
+        if self.rollout is not None:
+            self._ensure_loaded()
+            self.rollout.observe(transport, status)
+
+    def tick(self, transport: Transport) -> None:
+        """Called on every dispatcher pump: re-announce after a restart, let soak time count."""
+        if self.rollout is None:
+            return
+        self._ensure_loaded()
+        if self._republish is not None:
+            channel, self._republish = self._republish, None
+            self._publish_channel(transport, channel, self._channels[channel], None)
+        self.rollout.tick(transport)
+
+    def rollout_status(self) -> dict[str, Any] | None:
+        """The rollout for the ops view (:func:`broker_server.rollout_view.rollout_status`), or None."""
+        if self.rollout is None:
+            return None
+        self._ensure_loaded()
+        return self.rollout.to_status()
+
+    def _controller(self) -> RolloutController:
+        if self.rollout is None:
+            raise ConfigError("no rollout settings: give ServerConfig.rollout (a [rollout] table)")
+        self._ensure_loaded()
+        return self.rollout
+
+    def _completed(self, transport: Transport, version: int) -> None:
+        assert self.rollout is not None
+        self._publish_channel(transport, self.rollout.channel, version, None)
+
+    def _ensure_loaded(self) -> None:
+        """Continue a saved rollout (first use only): hold its bundles again, restore the channel."""
+        if self.rollout is None or not self.rollout.load():
+            return
+        state = self.rollout.state
+        assert state is not None
+        for version, directory in sorted(self.rollout.bundles.items()):
+            if version not in self._releases:
+                self.add(version, directory)
+        plan = state.plan
+        self._channels[self.rollout.channel] = plan.version if state.status == "complete" else plan.baseline_version
+        self._republish = self.rollout.channel
 
     def transfer_of(self, device_id: str) -> str | None:
         """The transfer id of the device's current model download, if any."""
@@ -134,6 +260,11 @@ class ModelPublisher:
             reason = f"model version {fetch.version} is not available (held: {sorted(self._releases)})"
             self._answer_error(link, fetch, reason)
             raise ContractViolation(reason)
+        refusal = self.rollout.fetch_refusal(fetch.device_id, fetch.version) if self.rollout is not None else None
+        if refusal is not None:
+            self.counters["not_targeted"] += 1
+            self._answer_error(link, fetch, refusal)
+            raise ContractViolation(refusal)
         self._prune_transfers(link)
         previous = self._transfers.pop(fetch.device_id, None)
         if previous is not None:
@@ -169,12 +300,18 @@ class ModelPublisher:
 
     def _prune(self, also_keep: int | None = None) -> None:
         """Drop the oldest versions beyond ``keep`` that no channel announces."""
-        protected = {*self._channels.values(), also_keep}
+        protected = {*self._channels.values(), also_keep, *self._rollout_versions()}
         for version in sorted(self._releases):
             if len(self._releases) <= self.keep:
                 return
             if version not in protected:
                 del self._releases[version]  # running transfers keep their own reference
+
+    def _rollout_versions(self) -> set[int]:
+        state = self.rollout.state if self.rollout is not None else None
+        if state is None:
+            return set()
+        return {state.plan.version, state.plan.baseline_version, *state.plan.pins.values()}
 
     def _answer_error(self, link: TransferLink, fetch: FetchMessage, reason: str) -> None:
         error = ErrorMessage(

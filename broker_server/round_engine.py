@@ -20,12 +20,15 @@ One round (:meth:`RoundEngine.run_round`):
    With tiered trust the round's updates are then observed against its aggregate and the
    reputation is stored.
 
-Results for the round that closed last are *late*: route_late_update drops them (counted in
-:attr:`RoundEngine.late_updates`); the asynchronous FedBuff path is not wired yet.
+Results for the round that closed last are *late*: with ``late_updates = "drop"``
+route_late_update drops them (counted in :attr:`RoundEngine.late_updates`); with ``"async"``
+they are kept, staleness-weighted, and join the next completed round's aggregate
+(:mod:`broker_server.late_updates`, counted in ``RoundEngine.late.accepted``).
 :meth:`RoundEngine.resume` continues a round restored from the store until its stored deadline,
 re-sending TASKs to its outstanding devices (agents answer a known task id with their stored
-result, so nothing is trained or counted twice). A buffered robust rule's rows are not stored,
-so a round restored under one is abandoned instead.
+result, so nothing is trained or counted twice). A buffered robust rule's rows are not stored:
+on resume the engine also re-sends the TASKs of the accepted updates and refills the buffer from
+the agents' stored results (:class:`broker_server.rounds.Refill`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from broker_server.fedbuff import Rejected
 from broker_server.journal import OpenRound, RoundJournal
+from broker_server.late_updates import LateUpdates, combine
 from broker_server.participation import RoundSelector
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import RobustAggregationError
@@ -48,6 +53,7 @@ from broker_server.safeguards import TRUST_SETTING, Safeguards
 from broker_server.selection import Complete, Dropped, Wait, round_outcome, route_late_update
 from broker_server.server_config import RoundResult, ServerConfig
 from broker_server.strategies import Strategy, plain_tensor_names
+from edge_agent.codecs import CodecSpec
 from edge_agent.errors import ContractViolation, ProtocolError
 from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
 from edge_agent.protocol.tensors import encode_tensors
@@ -112,6 +118,17 @@ class RoundEngine:
         self._plain = plain_tensor_names(bundle.manifest)
         #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
         self._downloads: list[str] = []
+        #: stragglers' updates kept for the next round (``late_updates = "async"``), else None
+        self.late: LateUpdates | None = None
+        if config.late_updates == "async":
+            codecs = frozenset(CodecSpec.parse(name).name for name in config.codecs)
+            self.late = LateUpdates(
+                config.fedbuff_settings(),
+                bundle.manifest.aggregated_tensors,
+                codecs,
+                journal=journal,
+                closed=lambda: self.closed,
+            )
 
     def plan(self, number: int, *, wanted: int) -> RoundPlan:
         return RoundPlan.make(
@@ -165,29 +182,45 @@ class RoundEngine:
         return self._collect_and_close(live)
 
     def resume(self, opened: OpenRound) -> RoundResult:
-        """Collect a round restored from the store until its stored (wall-clock) deadline."""
+        """Collect a round restored from the store until its stored (wall-clock) deadline.
+
+        Under a buffered robust rule the updates accepted before the restart are collected again
+        first (their TASKs re-sent; agents answer with their stored results; see
+        :class:`~broker_server.rounds.Refill`), until all are back or the deadline passes.
+        """
         now, wall = self._clock(), self._wall_clock()
         live = LiveRound(
             opened=opened,
             started=now - max(wall - opened.created_at, 0.0),
             deadline=now + max(opened.deadline - wall, 0.0),
         )
-        state = opened.state
-        reason = self.safeguards.unresumable(state)
+        state, guard = opened.state, self.safeguards
+        reason = guard.unresumable(state)
+        if not reason:
+            guard.prepare(state)
+            outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
+            refill = dict(state.refill.pending) if state.refill is not None else {}
+            log.info(
+                "resuming round %d: %d updates stored, re-sending %d tasks (%d to collect stored updates), %.0fs left",
+                state.round,
+                len(state.accepted),
+                len(outstanding) + len(refill),
+                len(refill),
+                live.deadline - now,
+            )
+            self._send_tasks(live, {**outstanding, **refill})
+            self.current = live  # results route to this round while its stored updates come back
+            try:
+                while state.refill is not None and state.refill.pending and self._clock() < live.deadline:
+                    self._pump(min(0.25, max(live.deadline - self._clock(), 0.0)))
+            finally:
+                self.current = None
+            reason = guard.refilled(state)
         if reason:
+            state.buffer = None
             self._journal.abandoned(state.round, reason)
             self.closed = state
             return self._result(state.round, state, live.started, completed=False, reason=reason)
-        self.safeguards.prepare(state)
-        outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
-        log.info(
-            "resuming round %d: %d updates stored, re-sending %d tasks, %.0fs left",
-            state.round,
-            len(state.accepted),
-            len(outstanding),
-            live.deadline - now,
-        )
-        self._send_tasks(live, outstanding)
         return self._collect_and_close(live)
 
     def _send_tasks(self, live: LiveRound, tasks: Mapping[str, str]) -> None:
@@ -244,7 +277,8 @@ class RoundEngine:
             self._journal.abandoned(state.round, outcome.reason)
             return self._result(state.round, state, live.started, completed=False, reason=outcome.reason)
         if outcome.early and outstanding:
-            log.info("round %d: %d devices still training; their updates will be dropped", state.round, outstanding)
+            fate = "kept for the next round" if self.late is not None else "dropped"
+            log.info("round %d: %d devices still training; their updates will be %s", state.round, outstanding, fate)
         try:
             return self._complete(live)
         finally:
@@ -259,6 +293,10 @@ class RoundEngine:
             self._journal.abandoned(number, reason)
             return self._result(number, state, live.started, completed=False, reason=reason)
         guard.report(state, report)
+        late = self.late.take() if self.late is not None else None
+        if late is not None:
+            delta = combine(delta, state.mean.total_weight, late)
+            log.info("round %d: %d late updates joined the aggregate", number, len(late.contributors))
         weights = self.strategy.apply(self.weights, delta, round=number, plain=self._plain)
         test = self._evaluator(weights) if self._evaluator is not None else None
         result = self._result(number, state, live.started, completed=True, test=test, version=self.model_version + 1)
@@ -272,6 +310,8 @@ class RoundEngine:
             strategy=self.strategy,
         )
         self.weights, self.model_version = weights, result.model_version
+        if late is not None and self.late is not None:
+            self.late.committed(result.model_version)
         guard.observe(state, delta)
         if guard.reputation is not None:
             # after the round's commit: a crash in between loses one round's observations, never
@@ -342,9 +382,14 @@ class RoundEngine:
         if message.task_id in closed.accepted or message.task_id in closed.failed:
             log.info("duplicate result for task %s from %s ignored", message.task_id, message.device_id)
         elif isinstance(message, UpdateMessage):
-            dropped = route_late_update(message, closed, policy="drop")  # "async" (FedBuff) is not wired yet
-            assert isinstance(dropped, Dropped)
-            self.late_updates += 1
-            log.info("late update from %s: %s", message.device_id, dropped.reason)
+            if self.late is not None:
+                outcome = self.late.offer(message, closed, current_version=self.model_version)
+            else:
+                outcome = route_late_update(message, closed, policy="drop")
+            if isinstance(outcome, Rejected):
+                raise ContractViolation(f"late update refused ({outcome.reason}): {outcome.detail}")
+            if isinstance(outcome, Dropped):
+                self.late_updates += 1
+                log.info("late update from %s: %s", message.device_id, outcome.reason)
         else:
             log.info("late error from %s for task %s: %s", message.device_id, message.task_id, message.reason)

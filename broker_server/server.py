@@ -1,4 +1,4 @@
-"""The synchronous federated server: one object wiring the transport, the rounds and the store.
+"""The federated server: one object wiring the transport, the rounds (or FedBuff) and the store.
 
 :class:`FederatedServer` connects the pieces, each in its own module:
 
@@ -6,6 +6,11 @@
 * :mod:`broker_server.dispatch` — inbound messages (STATUS, FETCH, UPDATE/ERROR, chunks), with
   bad messages logged and counted in :attr:`FederatedServer.rejections`, never fatal;
 * :mod:`broker_server.round_engine` — selection, TASKs, the collect loop and the strategy step;
+  stragglers' late updates dropped or (``late_updates="async"``) kept for the next round
+  (:mod:`broker_server.late_updates`);
+* :mod:`broker_server.async_engine` — ``mode="async"``: buffered asynchronous aggregation
+  (FedBuff) instead of rounds, every buffer a new version (``asynchronous`` table,
+  :mod:`broker_server.async_config`);
 * :mod:`broker_server.safeguards` — robust aggregation (``config.robust``) and tiered trust
   (``config.trust``): quarantines, trust weights, and :attr:`FederatedServer.trust_events`;
 * :mod:`broker_server.journal` — the optional :class:`~broker_server.persistence.ServerStore`:
@@ -20,6 +25,7 @@ server store is what a restart resumes from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.async_engine import AsyncEngine
 from broker_server.dispatch import Dispatcher
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.models import ModelPublisher
@@ -38,8 +45,9 @@ from broker_server.participation import RoundSelector
 from broker_server.persistence import ServerStore
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import Reputation, TrustDecision
+from broker_server.rollout import RolloutState
 from broker_server.round_engine import Evaluator, RoundEngine
-from broker_server.safeguards import TRUST_SETTING, Safeguards
+from broker_server.safeguards import TRUST_SETTING, RobustRound, Safeguards
 from broker_server.server_config import Rejection, RoundResult, ServerConfig
 from broker_server.store import ModelStore
 from broker_server.strategies import Strategy, TaskSettings, check_task_settings
@@ -88,7 +96,15 @@ class FederatedServer:
         self.results: list[RoundResult] = []
         self.strategy = strategy if strategy is not None else config.make_strategy()
         self.publisher = (
-            publisher if publisher is not None else ModelPublisher(config.topics, max_chunk_bytes=config.chunk_bytes)
+            publisher
+            if publisher is not None
+            else ModelPublisher(
+                config.topics,
+                max_chunk_bytes=config.chunk_bytes,
+                rollout=config.rollout_settings(),
+                store=store,
+                clock=wall_clock,
+            )
         )
         #: The evaluation of version 0, when an evaluator is given (not on a resumed federation).
         self.baseline: EvalResult | None = None
@@ -119,13 +135,30 @@ class FederatedServer:
             clock=clock,
             wall_clock=wall_clock,
         )
+        #: the FedBuff engine (``mode="async"``; None in sync mode)
+        self.asynchronous: AsyncEngine | None = None
+        if config.mode == "async":
+            async_policy = dataclasses.replace(config.selection_policy(), k=config.fedbuff_settings().concurrency)
+            self.asynchronous = AsyncEngine(
+                config.fedbuff_settings(),
+                self._engine,
+                transport=transport,
+                link=link,
+                registry=self.registry,
+                journal=self._journal,
+                selector=RoundSelector(async_policy, window_s=config.budget_window_s, rng=rng),
+                pump=self._pump,
+                evaluator=evaluator,
+                clock=clock,
+                wall_clock=wall_clock,
+            )
         self._dispatcher = Dispatcher(
             transport,
             config.topics,
             link=link,
             registry=self.registry,
             publisher=self.publisher,
-            on_result=self._engine.on_result,
+            on_result=self.asynchronous.on_result if self.asynchronous is not None else self._engine.on_result,
             clock=clock,
         )
         self._next_round = 1
@@ -156,9 +189,19 @@ class FederatedServer:
         return self._safeguards.reputation
 
     @property
+    def robust_round(self) -> RobustRound | None:
+        """What the robust rule did in the last completed round (None without a rule)."""
+        return self._safeguards.last_round
+
+    @property
     def late_updates(self) -> int:
         """Updates dropped because their round had already closed."""
         return self._engine.late_updates
+
+    @property
+    def late_folded(self) -> int:
+        """Late updates kept for the next round's aggregate (``late_updates="async"``)."""
+        return self._engine.late.accepted if self._engine.late is not None else 0
 
     @property
     def next_round(self) -> int:
@@ -195,6 +238,11 @@ class FederatedServer:
             self._next_round, self._resumable = resumption.next_round, resumption.open_round
             self._selector.load_json(self._journal.load_setting(RoundSelector.SETTING))
             self._safeguards.load_state(self._journal.load_setting(TRUST_SETTING))
+        if self._engine.late is not None:
+            self._engine.late.resume(self._engine.model_version)
+        if self.asynchronous is not None:  # FedBuff continues its buffer; the open round is its record
+            self.asynchronous.begin(self._resumable, next_round=self._next_round)
+            self._resumable = None
         topics = self.config.topics
         self._transport.start()
         self._transport.subscribe(topics.all_devices(STATUS), qos=1)
@@ -215,6 +263,11 @@ class FederatedServer:
         """Publish bundle ``bundle_dir`` as ``version`` on ``channel`` (retained); devices FETCH it."""
         return self.publisher.announce(self._transport, channel, version, bundle_dir)
 
+    def start_rollout(self, version: int, bundle_dir: str | Path, *, rollout_id: str = "") -> RolloutState:
+        """Roll bundle ``bundle_dir`` out as ``version`` in the stages of ``config.rollout``
+        (canary first; halted or rolled back automatically, see broker_server.rollout_control)."""
+        return self.publisher.start_rollout(self._transport, version, bundle_dir, rollout_id=rollout_id)
+
     def serve(self, duration_s: float) -> None:
         """Handle inbound messages and transfers (e.g. model downloads) for ``duration_s`` seconds."""
         deadline = self._clock() + duration_s
@@ -224,7 +277,21 @@ class FederatedServer:
     # -- rounds ----------------------------------------------------------------------------------
 
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
-        """Finish the resumed round (if any), then run rounds up to ``config.rounds``."""
+        """Finish the resumed round (if any), then run rounds up to ``config.rounds``.
+
+        In async mode: run FedBuff until ``asynchronous.versions`` versions exist; each version is
+        reported as a :class:`RoundResult` whose ``round`` is its buffer's number.
+        """
+        if self.asynchronous is not None:
+            self.wait_for_devices(self.config.min_clients, self.config.wait_for_clients_s)
+
+            def report(result: RoundResult) -> None:
+                self._finish(result)
+                if on_round is not None:
+                    on_round(result)
+
+            self.asynchronous.run(report)
+            return self.results
         if self._resumable is not None:
             opened, self._resumable = self._resumable, None
             result = self._finish(self._engine.resume(opened))

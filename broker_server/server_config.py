@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker_server.async_config import AsyncSettings, parse_async
 from broker_server.robust import TrustConfig
 from broker_server.robust_config import RobustSettings, parse_trust
+from broker_server.rollout_config import RolloutSettings, parse_rollout
 from broker_server.selection import SelectionPolicy
 from broker_server.strategies import FedAvg, FedAvgConfig, Strategy, parse_strategy
 from edge_agent.codecs import CodecSpec
@@ -83,8 +85,8 @@ class ServerConfig:
     #: what a sync round does with its stragglers' updates: "drop" them, or "async": fold them into
     #: the next version with staleness weighting
     late_updates: str = "drop"
-    #: staged rollout of announced model versions as a table (broker_server.rollout); None: every
-    #: device is offered the announced version
+    #: staged rollout of announced model versions as a table (keys: broker_server.rollout_config);
+    #: None: every device is offered the announced version
     rollout: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -116,9 +118,18 @@ class ServerConfig:
             raise ConfigError(f"mode must be 'sync' or 'async', got {self.mode!r}")
         if self.late_updates not in ("drop", "async"):
             raise ConfigError(f"late_updates must be 'drop' or 'async', got {self.late_updates!r}")
+        self.fedbuff_settings()  # ConfigError naming the bad asynchronous key
+        robust_rule = self.robust_settings()
+        if robust_rule is not None and robust_rule.buffered and "async" in (self.mode, self.late_updates):
+            which = "mode" if self.mode == "async" else "late_updates"
+            raise ConfigError(
+                f"{which}: 'async' cannot use robust rule {robust_rule.describe()} (it needs every update of a "
+                "round at once); use robust = {rule = 'clip', ...} or the sync mode"
+            )
         self.selection_policy()  # ConfigError for a bad over_selection or budget
         self.make_strategy()  # ConfigError naming the bad strategy key
         self.trust_config()  # ConfigError naming the bad trust key
+        self.rollout_settings()  # ConfigError naming the bad rollout key
         robust = self.robust_settings()  # ConfigError naming the bad robust key
         if robust is not None and robust.min_updates > self.clients_per_round:
             raise ConfigError(
@@ -143,6 +154,15 @@ class ServerConfig:
     def robust_settings(self) -> RobustSettings | None:
         """The parsed ``robust`` table (None: plain streaming FedAvg)."""
         return RobustSettings.parse(self.robust)
+
+    def fedbuff_settings(self) -> AsyncSettings:
+        """The parsed ``asynchronous`` table (broker_server.async_config; defaults from ``rounds``
+        and ``round_timeout_s``)."""
+        return parse_async(self.asynchronous, rounds=self.rounds, round_timeout_s=self.round_timeout_s)
+
+    def rollout_settings(self) -> RolloutSettings | None:
+        """The parsed ``rollout`` table (None: no staged rollouts)."""
+        return parse_rollout(self.rollout)
 
     def trust_config(self) -> TrustConfig | None:
         """The parsed ``trust`` table (None: tiered trust off)."""

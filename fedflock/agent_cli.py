@@ -30,6 +30,7 @@ from edge_agent.device.monitor import MonitorConfig, ResourceMonitor
 from edge_agent.errors import BundleError, ConfigError, StorageError, TransportError
 from edge_agent.gate import working_set
 from edge_agent.ota import DownloadStaging, InstalledModel, ModelStore, ModelUpdater
+from edge_agent.ota.validation import evaluation_validator
 from edge_agent.protocol.manifest import load_manifest
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
@@ -38,7 +39,6 @@ from edge_agent.store import DeviceStore, StoreConfig
 log = logging.getLogger("fedflock.cli")
 
 #: examples evaluated to validate a model before it is switched to
-VALIDATION_EXAMPLES = 64
 #: ``agent status``: seconds between two sensor samples (the CPU load is the busy share between them)
 CPU_SAMPLE_S = 0.5
 #: The flag-driven quick start's options, and where the config file says the same (``None``: nowhere).
@@ -77,18 +77,10 @@ class DevicePaths:
         )
 
 
-def validator(x: Any, y: Any) -> Any:
-    """A model-store ``validate`` hook: one evaluation batch must give a finite loss."""
-
-    def validate(bundle: Bundle) -> float:
-        from edge_agent.runtime.trainer import OrtTrainer
-
-        trainer = OrtTrainer.open(bundle)
-        trainer.check_data(x[:VALIDATION_EXAMPLES], y[:VALIDATION_EXAMPLES])
-        result = trainer.evaluate(bundle.initial_weights(), x[:VALIDATION_EXAMPLES], y[:VALIDATION_EXAMPLES])
-        return result.loss
-
-    return validate
+def validation_rows(split: Any) -> tuple[Any, Any]:
+    """``(x, y)`` to validate installs on: the held-out rows, or the training rows without any."""
+    rows = split.validation if split.validation is not None and len(split.validation) else split.train
+    return rows.x, rows.y
 
 
 def installed_model(store: ModelStore, config: AgentFileConfig, x: Any, y: Any) -> InstalledModel:
@@ -98,7 +90,7 @@ def installed_model(store: ModelStore, config: AgentFileConfig, x: Any, y: Any) 
     current = store.current()
     if current is not None:
         return current
-    report = store.install_directory(0, config.bundle, validate=validator(x, y))
+    report = store.install_directory(0, config.bundle, validate=evaluation_validator(x, y))
     if not report.ok:
         raise BundleError(f"cannot install {config.bundle} as the first model: {report.stage}: {report.reason}")
     current = store.current()
@@ -154,7 +146,8 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
             agent_config.topics,
             models,
             DownloadStaging(paths.downloads),
-            validator(split.train.x, split.train.y),
+            # the held-out rows when there are any: a rollout compares canary and baseline on them
+            evaluation_validator(*validation_rows(split)),
         ),
         open_trainer=lambda new: OrtTrainer.open(new, threads=threads, lazy=True),
     )

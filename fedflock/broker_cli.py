@@ -141,6 +141,8 @@ def operations_endpoint(
             now=time.monotonic(),
             reputation=server.reputation,
             trust_events=list(server.trust_events),
+            rollout=server.publisher.rollout.state if server.publisher.rollout is not None else None,
+            rollout_now=time.time(),  # the rollout runs on the server's wall clock
         )
 
     return OpsServer(settings.ops.host, settings.ops.port, metrics=metrics, status=status, ready=started.is_set)

@@ -16,7 +16,7 @@ verify     :meth:`Bundle.open` checks every file's sha256; files the manifest do
 digest     the manifest's sha256 must equal ``expected_digest`` (what the server announced)
 signature  the ``verify`` hook; ``None`` skips it (until issue #7 adds keys: integrity, not authenticity)
 validate   ``validate(bundle)`` (the agent runs one evaluation batch): a :class:`FedflockError`
-           or a non-finite returned value fails
+           or a non-finite loss fails; its metrics go into the report (:mod:`.validation`)
 activate   rename into ``versions/``, replace ``current.json`` (previous := old current), prune
 ========== ===================================================================================
 
@@ -29,20 +29,21 @@ or the new one. One process per root; not thread-safe.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import BundleError, ContractViolation, FedflockError, IntegrityError, StorageError
 from edge_agent.ota import staging as disk
 from edge_agent.ota.archive import check_only_bundle_files, pack_bundle, unpack_bundle
+from edge_agent.ota.reports import InstalledModel, InstallReport
+from edge_agent.ota.validation import Validate, validation_metrics
 from edge_agent.protocol.manifest import load_manifest
 from edge_agent.runtime.bundle import Bundle
 
@@ -57,37 +58,7 @@ STAGES = ("downgrade", "unpack", "verify", "digest", "signature", "validate", "a
 _VERSION_DIR = re.compile(r"^(\d+)-([0-9a-f]{12})$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
-Validate = Callable[[Bundle], float | None]
 Verify = Callable[[Path], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstalledModel:
-    version: int
-    digest: str
-    path: Path
-    installed_at: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class InstallReport:
-    """Outcome of an install or rollback, for logs and for the server (:meth:`as_dict`)."""
-
-    ok: bool
-    #: the version installed or attempted (rollback: the version now current); None: no model
-    version: int | None
-    #: one of :data:`STAGES`: where it failed, ``"done"`` on success
-    stage: str
-    reason: str = ""
-    #: the :class:`FedflockError` code of a failure (``"integrity_error"``, ...)
-    code: str | None = None
-    digest: str | None = None
-    previous_version: int | None = None
-    #: the store's clock when the report was made
-    at: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -249,7 +220,15 @@ class ModelStore:
         self._current, self._previous = target, None
         _log.warning("rolled back from version %d to %d: %s", bad.version, target.version, reason)
         self._prune()
-        return self._report(True, target.version, "done", reason, digest=target.digest, previous_version=bad.version)
+        return self._report(
+            True,
+            target.version,
+            "done",
+            reason,
+            digest=target.digest,
+            previous_version=bad.version,
+            previous_digest=bad.digest,
+        )
 
     def _install(self, request: _Request, archive: bytes | Path, staging: Path) -> InstallReport:
         version, current = request.version, self._current
@@ -260,7 +239,7 @@ class ModelStore:
             unpack_bundle(archive, staging, max_bytes=self.max_bundle_bytes)
             disk.fsync_directory(self._staging)
         request.after("unpacked")
-        bundle = self._check_bundle(request, staging)
+        bundle, metrics = self._check_bundle(request, staging)
         request.after("validated")
         path = self._versions / f"{version}-{bundle.digest[:12]}"
         model = InstalledModel(version=version, digest=bundle.digest, path=path, installed_at=self.clock())
@@ -269,10 +248,19 @@ class ModelStore:
         self._prune()
         request.after("pruned")
         _log.info("installed model version %d (%s)", version, model.digest[:12])
-        previous = self._previous.version if self._previous else None
-        return self._report(True, version, "done", "installed", digest=model.digest, previous_version=previous)
+        previous = self._previous
+        return self._report(
+            True,
+            version,
+            "done",
+            "installed",
+            digest=model.digest,
+            metrics=metrics,
+            previous_version=previous.version if previous else None,
+            previous_digest=previous.digest if previous else None,
+        )
 
-    def _check_bundle(self, request: _Request, staging: Path) -> Bundle:
+    def _check_bundle(self, request: _Request, staging: Path) -> tuple[Bundle, dict[str, float]]:
         with _stage("verify"):
             bundle = Bundle.open(staging)
             check_only_bundle_files(staging, bundle.manifest)
@@ -283,10 +271,8 @@ class ModelStore:
             with _stage("signature"):
                 request.verify(staging)
         with _stage("validate"):
-            value = request.validate(bundle)
-            if value is not None and not math.isfinite(value):
-                raise BundleError(f"validation produced a non-finite value ({value})")
-        return bundle
+            metrics = validation_metrics(request.validate(bundle))
+        return bundle, metrics
 
     def _activate(self, staging: Path, model: InstalledModel, after: Callable[[str], None]) -> None:
         # Only an orphan or the previous model (a downgrade to it: same files) can be in the way.

@@ -18,6 +18,9 @@ Flow and decisions (docs/protocol.md §8.5):
   version, of another digest, not refused before, and its ``archive_size`` is within
   ``max_archive_bytes`` (nothing is allocated from declared sizes: the staging file grows chunk by
   chunk). A later announcement replaces a pending one (the channel's latest word counts).
+* A *directed* MODEL (``channel`` = the device id, retained on the device's inbox by a staged
+  rollout) overrides the channel from then on and may name an older version: a server-ordered
+  rollback installs it with ``allow_downgrade``. Refusals hold for it too.
 * FETCH is re-sent only after ``fetch_timeout_s`` without a stored chunk, the wait doubling (up to
   ``max_backoff_s``) while FETCHes go unanswered.
 * Chunks are staged on disk (:class:`DownloadStaging`, keyed by the ``task_id`` ``model-v<N>``), so
@@ -25,9 +28,10 @@ Flow and decisions (docs/protocol.md §8.5):
 * A complete download whose sha256 differs from the announcement is discarded (stage
   ``"download"``, code ``integrity_error``): a *transient* failure, retried with backoff, given up
   for this process after ``max_attempts``. An archive that verifies but does not install (bad
-  tar, wrong bundle digest, validation fails) is *refused* for good; refusals are kept in
-  ``<staging root>/refused.models.json`` so a restart does not download it again. A rollback
-  refuses the rolled-back version too (the retained announcement would re-install it otherwise).
+  tar, wrong bundle digest, validation fails) is *refused* for good (:mod:`.refusals`, on disk).
+  A rollback refuses the rolled-back version too (the retained announcement would re-install it).
+* A successful install's report carries the validation metrics of the new model and of the one
+  it replaced, measured on the same rows (:mod:`.validation`).
 * ``signature`` is ignored until issue #7 (integrity, not authenticity).
 """
 
@@ -38,8 +42,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import replace
 
 from edge_agent.errors import (
     ConfigError,
@@ -50,15 +53,18 @@ from edge_agent.errors import (
     StorageError,
 )
 from edge_agent.ota import staging as disk
+from edge_agent.ota.refusals import REFUSED_FILE, RefusedModels
+from edge_agent.ota.reports import InstallReport
 from edge_agent.ota.staging import DownloadStaging
-from edge_agent.ota.store import InstallReport, ModelStore, Validate
+from edge_agent.ota.store import ModelStore
+from edge_agent.ota.updater_config import UpdaterConfig
+from edge_agent.ota.validation import Validate, validation_metrics
 from edge_agent.protocol.chunks import chunk_problem
 from edge_agent.protocol.messages import (
     ACK_COMPLETE,
     ACK_OK,
     ACK_REJECTED,
     ACK_RESEND,
-    MIN_CHUNK_BYTES,
     ChunkAck,
     ChunkMessage,
     ErrorMessage,
@@ -66,7 +72,8 @@ from edge_agent.protocol.messages import (
     encode_message,
 )
 from edge_agent.protocol.model_messages import FetchMessage, ModelMessage, model_object_id, model_object_version
-from edge_agent.protocol.topics import DEVICE_ID_PATTERN, Topics
+from edge_agent.protocol.topics import Topics
+from edge_agent.runtime.bundle import Bundle
 
 __all__ = ["DOWNLOAD_STAGE", "REFUSED_FILE", "ModelUpdater", "UpdaterConfig"]
 
@@ -74,35 +81,7 @@ _log = logging.getLogger("fedflock.ota")
 
 #: The :class:`InstallReport` stage of a download that failed before the install began.
 DOWNLOAD_STAGE = "download"
-#: Refused (version, digest) pairs, in the staging root (a name no transfer id can take: it has a dot).
-REFUSED_FILE = "refused.models.json"
-_REFUSED_FORMAT = 1
-_MAX_REFUSED = 32
 _STAGED_MODEL = re.compile(r"^model-v[1-9][0-9]*$")
-
-
-@dataclass(frozen=True, kw_only=True)
-class UpdaterConfig:
-    #: the model channel this device follows (topic ``{prefix}/models/{channel}``)
-    channel: str = "current"
-    #: chunk size asked for in FETCH (the server may lower it); keep it stable: a staged download
-    #: resumes only with the same chunk size
-    chunk_size: int = 64 * 1024
-    #: announcements of larger archives are ignored (nothing is fetched or allocated)
-    max_archive_bytes: int = 256 * 2**20
-    #: FETCH again when no chunk was stored for this long (doubling while unanswered)
-    fetch_timeout_s: float = 30.0
-    max_backoff_s: float = 600.0
-    #: downloads of one announcement failing verification before it is given up (until restart)
-    max_attempts: int = 3
-
-    def __post_init__(self) -> None:
-        if not DEVICE_ID_PATTERN.match(self.channel):
-            raise ConfigError(f"invalid model channel {self.channel!r}")
-        if self.chunk_size < MIN_CHUNK_BYTES or self.max_archive_bytes < 1 or self.max_attempts < 1:
-            raise ConfigError(f"need chunk_size >= {MIN_CHUNK_BYTES}, max_archive_bytes >= 1, max_attempts >= 1")
-        if not 0 < self.fetch_timeout_s <= self.max_backoff_s:
-            raise ConfigError("need 0 < fetch_timeout_s <= max_backoff_s")
 
 
 class ModelUpdater:
@@ -133,7 +112,11 @@ class ModelUpdater:
         self._staged: tuple[str, int, str] | None = None  # (object id, chunk size, sha256) begun here
         self._installed: tuple[str, str] | None = None  # (object id, sha256) of the last install
         self._given_up: set[tuple[int, str]] = set()  # transient failures, for this process only
-        self._refused: list[tuple[int, str]] | None = None  # loaded on first use (no I/O here)
+        self._refused = RefusedModels(staging.root, device_id)  # read on first use (no I/O here)
+        self._channel_model: ModelMessage | None = None  # the channel's latest announcement
+        self._directed: ModelMessage | None = None  # the server's word for this device (inbox)
+        if self.config.channel == device_id:
+            raise ConfigError(f"model channel {device_id!r} is reserved for MODELs directed at that device")
 
     @property
     def channel_topic(self) -> str:
@@ -171,25 +154,45 @@ class ModelUpdater:
         raise ValueError(f"{type(message).__name__} is not for the model updater")
 
     def announced(self, model: ModelMessage) -> bool:
-        """Remember ``model`` if it should be installed; returns whether it is pending now."""
-        current, key = self.store.current(), (model.version, model.bundle_digest)
-        why_not = None
-        if model.channel != self.config.channel:
-            why_not = f"channel {model.channel!r} is not ours"
-        elif current is not None and (model.version <= current.version or model.bundle_digest == current.digest):
-            why_not = f"version {current.version} ({current.digest[:12]}) is installed"
-        elif key in self._given_up or key in self._refused_models():
-            why_not = "it was refused before"
-        elif model.archive_size > (limit := min(self.config.max_archive_bytes, self.staging.max_bytes)):
-            why_not = f"its archive of {model.archive_size} bytes exceeds the limit of {limit}"
+        """Remember ``model`` if it should be installed; returns whether it is pending now.
+
+        A MODEL whose channel is this device's id is *directed* (the server's word for this
+        device, retained on its inbox): it overrides the channel's announcements and may name an
+        older version (a server-ordered rollback). A channel announcement only upgrades.
+        """
+        if model.channel == self.device_id:
+            self._directed = model
+        elif model.channel == self.config.channel:
+            self._channel_model = model
+            if self._directed is not None:
+                _log.info("%s: model v%d of the channel: a directed target overrides it", self.device_id, model.version)
+                return False
+        else:
+            _log.info("%s: ignoring model v%d: channel %r is not ours", self.device_id, model.version, model.channel)
+            return False
+        why_not = self._why_not(model, directed=model is self._directed)
         if why_not is not None:
             _log.info("%s: ignoring model v%d: %s", self.device_id, model.version, why_not)
+            if model is self._directed:
+                self._pending = None  # the server's word replaces any channel download
             return False
         if model != self._pending:
             _log.info("%s: model v%d (%s) announced", self.device_id, model.version, model.bundle_digest[:12])
             self._pending, self._failures, self._unanswered, self._next_fetch_at = model, 0, 0, -math.inf
             self._discard_stale_downloads(keep=model_object_id(model.version))
         return True
+
+    def _why_not(self, model: ModelMessage, *, directed: bool) -> str | None:
+        current, key = self.store.current(), (model.version, model.bundle_digest)
+        if current is not None and (
+            model.bundle_digest == current.digest or (model.version <= current.version and not directed)
+        ):
+            return f"version {current.version} ({current.digest[:12]}) is installed"
+        if key in self._given_up or key in self._refused:
+            return "it was refused before"
+        if model.archive_size > (limit := min(self.config.max_archive_bytes, self.staging.max_bytes)):
+            return f"its archive of {model.archive_size} bytes exceeds the limit of {limit}"
+        return None
 
     def due_fetch(self, may_download: bool) -> bytes | None:
         """The FETCH envelope to publish now, if one is due and the gate allows downloads."""
@@ -272,7 +275,7 @@ class ModelUpdater:
         bad = self.store.current()
         report = self.store.rollback(reason)
         if report.ok and bad is not None:
-            self._refuse((bad.version, bad.digest))
+            self._refused.add((bad.version, bad.digest))
             if self._pending is not None and self._pending.version <= bad.version:
                 self._pending = None
         return report
@@ -294,19 +297,36 @@ class ModelUpdater:
             path = self.staging.finish(object_id)  # sha256 of the whole archive; discards on mismatch
         except (IntegrityError, StorageError, ContractViolation) as exc:
             return self._failed(model, exc, transient=True)
-        report = self.store.install(model.version, path, expected_digest=model.bundle_digest, validate=self._validate)
+        report = self.store.install(
+            model.version,
+            path,
+            expected_digest=model.bundle_digest,
+            validate=self._validate,
+            allow_downgrade=model.channel == self.device_id,
+        )
         try:
             self.staging.discard(object_id)
         except StorageError as exc:
             _log.warning("%s: cannot remove the staged download %s: %s", self.device_id, object_id, exc.reason)
         if report.ok:
             self._pending, self._installed = None, (object_id, model.archive_sha256)
-            return report
+            return replace(report, previous_metrics=self._previous_metrics())
         transient = report.code == StorageError.code
         if not transient:
-            self._refuse((model.version, model.bundle_digest))
+            self._refused.add((model.version, model.bundle_digest))
         self._pending_failed(model, transient)
         return report
+
+    def _previous_metrics(self) -> dict[str, float]:
+        """The replaced model's validation metrics on the same rows (a rollout's baseline)."""
+        previous = self.store.previous()
+        if previous is None:
+            return {}
+        try:
+            return validation_metrics(self._validate(Bundle.open(previous.path)))
+        except FedflockError as exc:
+            _log.warning("%s: cannot evaluate the previous model v%d: %s", self.device_id, previous.version, exc.reason)
+            return {}
 
     def _failed(self, model: ModelMessage, exc: FedflockError, *, transient: bool) -> InstallReport:
         _log.warning("%s: download of model v%d failed (%s): %s", self.device_id, model.version, exc.code, exc.reason)
@@ -334,31 +354,6 @@ class ModelUpdater:
         wait = min(self.config.fetch_timeout_s * 2 ** (self._failures - 1), self.config.max_backoff_s)
         self._unanswered, self._next_fetch_at = 0, self._clock() + wait
 
-    def _refused_models(self) -> list[tuple[int, str]]:
-        if self._refused is None:
-            self._refused = []
-            try:
-                raw = disk.read_json(self._refused_path())
-            except StorageError as exc:
-                _log.warning("%s: refused-models list unreadable, starting empty: %s", self.device_id, exc.reason)
-                raw = None
-            if isinstance(raw, dict) and raw.get("format") == _REFUSED_FORMAT and isinstance(raw.get("refused"), list):
-                self._refused = [(entry[0], entry[1]) for entry in raw["refused"] if _is_entry(entry)]
-        return self._refused
-
-    def _refuse(self, key: tuple[int, str]) -> None:
-        others = [k for k in self._refused_models() if k != key]
-        self._refused = refused = [*others[-(_MAX_REFUSED - 1) :], key]
-        try:
-            disk.make_directory(self.staging.root)
-            entries = [[v, d] for v, d in refused]
-            disk.write_json_atomic(self._refused_path(), {"format": _REFUSED_FORMAT, "refused": entries})
-        except StorageError as exc:  # still refused in memory; a restart may try it once more
-            _log.warning("%s: cannot persist the refusal of v%d: %s", self.device_id, key[0], exc.reason)
-
-    def _refused_path(self) -> Path:
-        return self.staging.root / REFUSED_FILE
-
     def _discard_stale_downloads(self, *, keep: str) -> None:
         """Remove staged downloads of models other than ``keep`` (superseded announcements)."""
         if not self.staging.root.is_dir():
@@ -383,11 +378,3 @@ class ModelUpdater:
             reason=reason,
         )
         return encode_message(ack)
-
-
-def _is_entry(entry: object) -> bool:
-    """A refused-list entry: ``[version, digest]``."""
-    if not isinstance(entry, list) or len(entry) != 2:
-        return False
-    version, digest = entry
-    return isinstance(version, int) and not isinstance(version, bool) and isinstance(digest, str)

@@ -81,6 +81,9 @@ def test_upgrade_switches_models_and_keeps_the_previous(store: ModelStore, v1: R
         "digest": v2.digest,
         "previous_version": 1,
         "at": report.at,
+        "metrics": {"loss": evaluate_loss(Bundle.open(v2.directory))},
+        "previous_digest": v1.digest,
+        "previous_metrics": {},  # the updater measures those, not the store
     }
     current, previous = store.current(), store.previous()
     assert current is not None and current.version == 2 and previous is not None and previous.version == 1

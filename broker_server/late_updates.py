@@ -1,0 +1,132 @@
+"""Stragglers' updates in sync mode with ``late_updates = "async"``: folded into the next round.
+
+An update that arrives after its round closed (an over-selected straggler, a device past the
+deadline) is offered to a :class:`~broker_server.fedbuff.FedBuff` by
+:func:`~broker_server.selection.route_late_update` (only for a task the closed round issued to
+that device and did not count: never twice). Its weight is ``num_examples × f(s)`` with ``s`` the
+versions the model moved on since the task's version (``asynchronous.staleness``; refused past
+``asynchronous.max_staleness``). The pending late updates then *join the next completed round's
+aggregate*: :func:`combine` merges the two weighted means, so the round's delta is the mean over
+the round's own updates (weight ``n_i``) and the late ones (weight ``n_j·f(s_j)``), and the strategy
+steps once per round, as it does without late updates.
+
+Why not a version of their own: a late buffer applied on its own would make model versions (and
+strategy steps, e.g. FedAdam's moments) between rounds, out of the rounds' numbering; joining the
+next round keeps one version per round and lets the stale updates count less than fresh ones.
+A round that is abandoned leaves them pending for the next one that completes.
+
+Persistence: every accepted late update rewrites the store setting :data:`LATE_SETTING` (an
+:class:`~broker_server.async_ledger.AsyncLedger`, no tasks) before the next message is handled;
+a restarted server refolds it if its base version is still the latest, and drops it if a stored
+version already includes it (the round's version row and the ledger are separate writes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from broker_server.async_config import AsyncSettings
+from broker_server.async_ledger import LATE_SETTING, AsyncLedger, empty_buffer
+from broker_server.fedbuff import Accepted, BufferResult, FedBuff, IssuedTask, Rejected
+from broker_server.journal import RoundJournal
+from broker_server.rounds import RoundState
+from broker_server.selection import Dropped, route_late_update
+from edge_agent.errors import StorageError
+from edge_agent.protocol.manifest import TensorSpec
+from edge_agent.protocol.messages import UpdateMessage
+
+__all__ = ["LateUpdates", "combine"]
+
+log = logging.getLogger("fedflock.server")
+
+Tensors = dict[str, np.ndarray]
+#: a late buffer never seals by itself: the round that completes takes what is pending
+_NEVER = 2**62
+
+
+def combine(round_mean: Mapping[str, np.ndarray], round_weight: float, late: BufferResult) -> Tensors:
+    """``(W_r·m_r + W_l·m_l) / (W_r + W_l)``: one weighted mean over both sets of updates."""
+    if not (round_weight > 0 and late.total_weight > 0):
+        raise ValueError("both means need a positive weight")
+    total = round_weight + late.total_weight
+    out: Tensors = {}
+    for name, value in round_mean.items():
+        mixed = value.astype(np.float64) * round_weight + late.mean_delta[name].astype(np.float64) * late.total_weight
+        out[name] = (mixed / total).astype(value.dtype)
+    return out
+
+
+class LateUpdates:
+    """The pending late updates of a sync server (one per server; ``None`` with ``late_updates="drop"``)."""
+
+    def __init__(
+        self,
+        settings: AsyncSettings,
+        specs: tuple[TensorSpec, ...],
+        codecs: frozenset[str],
+        *,
+        journal: RoundJournal,
+        closed: Callable[[], RoundState | None],
+    ) -> None:
+        self._settings, self._specs, self._codecs = settings, specs, codecs
+        self._journal, self._closed = journal, closed
+        self.buffer = self._new_buffer(0)
+        #: late updates folded into a round's aggregate (accepted into the buffer)
+        self.accepted = 0
+
+    def _new_buffer(self, version: int) -> FedBuff:
+        config = self._settings.fedbuff_config(self._codecs, buffer_size=_NEVER)
+        return FedBuff(config, self._specs, version=version, task_of=self._task_of)
+
+    def _task_of(self, task_id: str) -> IssuedTask | None:
+        closed = self._closed()
+        if closed is None or task_id not in closed.tasks:
+            return None
+        return IssuedTask(device_id=closed.tasks[task_id], model_version=closed.model_version)
+
+    def resume(self, model_version: int) -> None:
+        """Refold the stored pending updates if no stored version includes them yet."""
+        self.buffer = self._new_buffer(model_version)
+        data = self._journal.load_setting(LATE_SETTING)
+        if data is None:
+            return
+        ledger = AsyncLedger.from_json(data)
+        base = ledger.buffer.base_version
+        if base > model_version:
+            raise StorageError(
+                f"stored late updates are based on v{base}, newer than the latest version v{model_version}"
+            )
+        if base == model_version and ledger.buffer.contributors:
+            self.buffer.restore(ledger.buffer)
+            log.info("restored %d pending late updates", len(ledger.buffer.contributors))
+
+    def offer(
+        self, update: UpdateMessage, closed: RoundState, *, current_version: int
+    ) -> Accepted | Rejected | Dropped:
+        """Route ``update`` (its round is ``closed``); an accepted one is stored before this returns."""
+        outcome = route_late_update(update, closed, policy="async", buffer=self.buffer, current_version=current_version)
+        if isinstance(outcome, Accepted):
+            self.accepted += 1
+            self._save()
+            log.info(
+                "late update from %s (task %s) kept for the next round: staleness %d, weight %.3g",
+                update.device_id,
+                update.task_id,
+                outcome.staleness,
+                outcome.weight,
+            )
+        return outcome
+
+    def take(self) -> BufferResult | None:
+        """The pending late updates as one sealed buffer (None if there are none)."""
+        return self.buffer.flush(partial=True)
+
+    def committed(self, version: int) -> None:
+        """The round that took them stored ``version``: the ledger restarts empty on it."""
+        self._journal.save_setting(LATE_SETTING, AsyncLedger(buffer=empty_buffer(version)).to_json())
+
+    def _save(self) -> None:
+        self._journal.save_setting(LATE_SETTING, AsyncLedger(buffer=self.buffer.snapshot()).to_json())
