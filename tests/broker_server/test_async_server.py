@@ -12,7 +12,7 @@ import pytest
 
 from broker_server.persistence import SqliteServerStore
 from broker_server.server import FederatedServer, ServerConfig
-from edge_agent.errors import ConfigError, TransportError
+from edge_agent.errors import ConfigError, StorageError, TransportError
 from edge_agent.protocol.messages import TaskMessage
 from edge_agent.protocol.topics import RESULTS
 from edge_agent.runtime.bundle import Bundle
@@ -236,16 +236,18 @@ def test_accepted_updates_survive_a_restart_and_are_not_counted_twice(
         [ScriptedDevice(broker, n, bundle, num_examples=k) for n, k in (("a", 4), ("b", 6), ("c", 8))]
     )
     table = {"buffer_size": 3, "concurrency": 3, "versions": 1}
-    store = SqliteServerStore.open(tmp_path / "server.db")
+    # the first server gets its own connection, closed at the "crash": a thread that outlives it
+    # cannot write into the second server's state
+    first_store = SqliteServerStore.open(tmp_path / "server.db")
     config = ServerConfig(mode="async", asynchronous=table, codecs=("fp32",), min_clients=3, wait_for_clients_s=10)
-    first = FederatedServer(InMemoryTransport(broker, "server-1"), bundle, config, store=store)
+    first = FederatedServer(InMemoryTransport(broker, "server-1"), bundle, config, store=first_store)
     first.start()
     crashed: list[BaseException] = []
 
     def run_until_crash() -> None:
         try:
             first.run()
-        except TransportError as exc:  # its transport is closed under it: the simulated crash
+        except (TransportError, StorageError) as exc:  # closed under it: the simulated crash
             crashed.append(exc)
 
     worker = threading.Thread(target=run_until_crash, daemon=True)
@@ -256,8 +258,10 @@ def test_accepted_updates_survive_a_restart_and_are_not_counted_twice(
     b.answer(b.tasks[0])
     wait_for(lambda: first.asynchronous is not None and first.asynchronous.pending == 2)
     first.close()  # "crash": two accepted updates in the open buffer, c's task outstanding
-    worker.join(timeout=1)  # its loop only notices the closed transport when it next sends: not waited for
+    first_store.close()
+    worker.join(timeout=1)  # its loop only notices when it next sends or stores: not waited for
     assert len(crashed) <= 1
+    store = SqliteServerStore.open(tmp_path / "server.db")
     second = FederatedServer(InMemoryTransport(broker, "server-2"), bundle, config, store=store)
     second.start()
     assert second.asynchronous is not None and second.asynchronous.pending == 2
