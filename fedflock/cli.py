@@ -18,7 +18,9 @@ from pathlib import Path
 
 from edge_agent.errors import ConfigError, FedflockError
 from fedflock.broker_cli import add_broker_arguments, run_broker
+from fedflock.enroll_cli import add_enroll_arguments, agent_enroll
 from fedflock.export_options import add_export_options, export_kwargs
+from fedflock.pki_cli import add_pki_arguments, run_pki
 
 log = logging.getLogger("fedflock")
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a device agent from its config file (--config; docs/agent.md), or from flags "
         "(--bundle --data --device-id: a quick start with no sensors or policy).",
     )
-    agent.add_argument("action", nargs="?", choices=("run", "status"), default="run")
+    agent.add_argument("action", nargs="?", choices=("run", "status", "enroll"), default="run")
     agent.add_argument("--config", type=Path, default=None, help="agent.toml (device id, broker, data, policy, ...)")
     agent.add_argument("--json", action="store_true", help="status: print JSON")
     agent.add_argument("--bundle", type=Path, default=None, help="training bundle directory")
@@ -87,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="update codecs to prefer on a network type, e.g. cellular=topk-int8:0.01,int4 (repeatable)",
     )
     agent.add_argument("--no-error-feedback", action="store_true", help="do not carry the codec's residual over")
+    add_enroll_arguments(agent)
 
     broker = sub.add_parser("broker", help="run the aggregation server")
     add_broker_arguments(broker)
+
+    add_pki_arguments(sub.add_parser("pki", help="CA, certificates, passwords, ACL, mosquitto.conf, enrollment"))
 
     demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
     demo.add_argument("--devices", type=int, default=20)
@@ -131,6 +136,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    if args.action == "enroll":
+        return agent_enroll(args)
     from fedflock import agent_cli
 
     if args.config is not None:
@@ -222,7 +229,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 
 OWN_LOGGERS = ("fedflock", "edge_agent", "broker_server", "model_export")
-COMMANDS = {"export": run_export, "agent": run_agent, "broker": run_broker, "demo": run_demo_command}
+COMMANDS = {"export": run_export, "agent": run_agent, "broker": run_broker, "demo": run_demo_command, "pki": run_pki}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
