@@ -2,7 +2,7 @@
 
 The model is a ~1.0M-parameter MNIST-sized CNN (8 tensors, float32). For each K (default 200
 and 1000) the same K updates (seeded: update ``i`` depends only on ``--seed`` and ``i``) go
-through five cases, each in a fresh subprocess so its peak RSS is its own:
+through seven cases, each in a fresh subprocess so its peak RSS is its own:
 
 * **fedflock fp32 / int8**: ``WeightedMean.add_encoded`` on FFCU payloads, the server's real
   path (encoded bytes in, one float64 accumulator per tensor). Updates are *streamed*: a
@@ -14,6 +14,10 @@ through five cases, each in a fresh subprocess so its peak RSS is its own:
 * **Flower int8**: Flower has no int8 path; the same int8 payloads are decoded to float32 first
   (``decode_update``, not timed: Flower's time excludes the decode, which favours Flower) and
   then aggregated as above.
+* **Flower fp32 / int8, deserialize + aggregate**: what Flower's server really receives is one
+  serialized ``Parameters`` per client (the bytes ``flwr.common.ndarrays_to_parameters`` makes);
+  the timed call is ``parameters_to_ndarrays`` on every result, then ``aggregate``. Flower has no
+  int8 wire format, so the int8 row serializes the int8-decoded float32 arrays.
 * **numpy loop**: the bandwidth reference, ``acc += w * x`` in float64 over already-decoded
   float32 updates, streamed like fedflock's.
 
@@ -23,7 +27,8 @@ where it was just received (making and encoding it is the traffic between two fo
 K x 4 MB inputs cannot be cache-resident whatever is done. ``--flush each`` also flushes before
 every single fold (pessimistic for the streamed cases: the accumulator starts cold each time).
 
-*Wall s*: best of ``--repeats`` of the whole aggregation of K updates. *MB/s*: fp32-equivalent
+*Wall s*: best and median of ``--repeats`` of the whole aggregation of K updates; speed-ups are
+given best vs best and median vs median. *MB/s*: fp32-equivalent
 input (K x parameters x 4 B, 1 MB = 10**6 B) per second. *Extra RSS*: the child's kernel peak
 (``VmHWM``, reset through ``/proc/self/clear_refs`` once the baseline is taken) minus its
 baseline RSS after imports and set-up; the benchmark's own noise pool and cache-flush buffer
@@ -44,6 +49,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +65,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.aggregation_cases import CASES, PARAMS, SHAPES, child, l3_bytes  # noqa: E402
 
 FLOWER_BYTES_PER_UPDATE = 2.2 * PARAMS * 4  # inputs + aggregate's weighted copies + slack
+FLOWER_DESER_BYTES_PER_UPDATE = 3.4 * PARAMS * 4  # bytes + deserialized arrays + weighted copies + slack
 RSS_GOAL_MB = 200.0
 SPEED_GOAL = 5.0
 BANDWIDTH_GOAL = 0.5
@@ -90,10 +97,11 @@ def _run_child(case: str, k: int, args: argparse.Namespace, result_path: str) ->
     return report
 
 
-def _flower_k(k: int) -> int:
-    """The largest K <= k whose Flower inputs and weighted copies fit in 80 % of available RAM."""
+def _flower_k(k: int, case: str) -> int:
+    """The largest K <= k whose Flower inputs and working copies fit in 80 % of available RAM."""
     available = psutil.virtual_memory().available * 0.8
-    return max(1, min(k, int(available // FLOWER_BYTES_PER_UPDATE)))
+    per_update = FLOWER_DESER_BYTES_PER_UPDATE if case.endswith("-deser") else FLOWER_BYTES_PER_UPDATE
+    return max(1, min(k, int(available // per_update)))
 
 
 def _machine() -> str:
@@ -118,46 +126,83 @@ def _fmt_mb(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
-def _per_update(reports: dict[tuple[str, int], dict], case: str, k: int) -> float | None:
-    """Best seconds per update of ``case`` at ``k`` (None if it did not run)."""
+LABELS = {
+    "fedflock-fp32": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in)", "fp32"),
+    "fedflock-int8": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in)", "int8"),
+    "flower-fp32": ("Flower `aggregate` (ndarrays resident)", "fp32"),
+    "flower-int8": ("Flower `aggregate` (int8 decoded first, not timed)", "int8"),
+    "flower-fp32-deser": ("Flower `parameters_to_ndarrays` + `aggregate` (bytes in)", "fp32"),
+    "flower-int8-deser": ("Flower `parameters_to_ndarrays` + `aggregate` (int8 decoded, sent as fp32)", "int8"),
+    "numpy-fp32": ("numpy loop `acc += w * x` (float64)", "fp32"),
+}
+FLOWER_CASES = ("flower-{codec}", "flower-{codec}-deser")
+
+
+def _per_update(
+    reports: dict[tuple[str, int], dict], case: str, k: int, stat: str = "best", clock: str = "wall"
+) -> float | None:
+    """Wall (or CPU) seconds per update of ``case`` at ``k``, best or median of its runs (None if it did not run)."""
     report = reports.get((case, k), {})
-    return min(report["times"]) / report["k"] if "times" in report else None
+    if "times" not in report:
+        return None
+    pick = min if stat == "best" else statistics.median
+    return float(pick(report["times" if clock == "wall" else "cpu_times"])) / report["k"]
 
 
-def _table(reports: dict[tuple[str, int], dict], ks: list[int], flower_ks: dict[int, int]) -> list[str]:
+def _table(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
+    """Per case: wall seconds (best, median, all runs), bandwidth, extra RSS, share of the numpy loop."""
     mb = PARAMS * 4 / 1e6
-    columns = ["K", "path", "codec", "wall s (best)", "all runs s", "MB/s fp32-equiv", "vs Flower", "extra RSS MB"]
-    columns.append("of numpy-loop MB/s")
-    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    labels = {
-        "fedflock-fp32": ("fedflock `WeightedMean.add_encoded`", "fp32"),
-        "fedflock-int8": ("fedflock `WeightedMean.add_encoded`", "int8"),
-        "flower-fp32": ("Flower `aggregate`", "fp32"),
-        "flower-int8": ("Flower `aggregate` (int8 decoded first, decode not timed)", "int8"),
-        "numpy-fp32": ("numpy loop `acc += w * x` (float64)", "fp32"),
-    }
+    columns = [
+        "K",
+        "path",
+        "codec",
+        "best s",
+        "median s",
+        "all runs s",
+        "CPU s best / median",
+        "MB/s fp32-equiv (best)",
+    ]
+    columns += ["extra RSS MB", "of numpy-loop MB/s (best)"]
+    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in ks:
         numpy_rate = _per_update(reports, "numpy-fp32", k)
         for case in CASES:
-            path, codec = labels[case]
+            path, codec = LABELS[case]
             report = reports.get((case, k), {})
             if "times" not in report:
-                lines.append(f"| {k} | {path} | {codec} | not run: {report.get('error', 'skipped')[:80]} | | | | | |")
+                lines.append(f"| {k} | {path} | {codec} | not run: {report.get('error', 'skipped')[:80]} | | | | | | |")
                 continue
             ran_k = report["k"]
-            best = min(report["times"])
-            rate = best / ran_k
-            flower = _per_update(reports, "flower-int8" if codec == "int8" else "flower-fp32", k)
-            ratio = f"{flower / rate:.1f}x" if flower else "n/a"
-            fraction = f"{numpy_rate / rate:.0%}" if numpy_rate else "n/a"
+            cpu = [_per_update(reports, case, k, stat, "cpu") or 0.0 for stat in ("best", "median")]
+            best, median = _per_update(reports, case, k), _per_update(reports, case, k, "median")
+            assert best is not None and median is not None
+            shown_k = f"{k}" if ran_k == k else f"{k} (ran {ran_k}, scaled)"
             extra = _fmt_mb(report["extra_mb"])
             if case.startswith("flower"):
                 extra += f" (inputs {_fmt_mb(report['inputs_mb'])})"
             runs = " / ".join(f"{t:.3f}" for t in report["times"])
-            shown_k = f"{k}" if ran_k == k else f"{k} (ran {ran_k})"
-            seconds = f"{best:.3f}" if ran_k == k else f"{best:.3f} (x{k / ran_k:.2f} = {rate * k:.3f})"
-            cells = [shown_k, path, codec, seconds, runs, f"{mb / rate:,.0f}", ratio, extra, fraction]
-            lines.append("| " + " | ".join(cells) + " |")
+            fraction = f"{numpy_rate / best:.0%}" if numpy_rate else "n/a"
+            cells = [shown_k, path, codec, f"{best * k:.3f}", f"{median * k:.3f}", runs]
+            cells += [f"{cpu[0] * k:.3f} / {cpu[1] * k:.3f}", f"{mb / best:,.0f}"]
+            lines.append("| " + " | ".join([*cells, extra, fraction]) + " |")
+    return lines
+
+
+def _ratio_table(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
+    """fedflock's speed-up over each Flower case: best vs best and median vs median, wall and CPU time."""
+    columns = ["K", "codec", "clock", "vs `aggregate` best/best", "vs `aggregate` median/median"]
+    columns += ["vs deserialize + `aggregate` best/best", "vs deserialize + `aggregate` median/median"]
+    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---:|---:|---:|---:|"]
+    for k in ks:
+        for codec in ("fp32", "int8"):
+            for clock in ("wall", "cpu"):
+                cells = [str(k), codec, clock]
+                for pattern in FLOWER_CASES:
+                    for stat in ("best", "median"):
+                        theirs = _per_update(reports, pattern.format(codec=codec), k, stat, clock)
+                        mine = _per_update(reports, f"fedflock-{codec}", k, stat, clock)
+                        cells.append(f"{theirs / mine:.1f}x" if theirs and mine else "n/a")
+                lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -165,6 +210,7 @@ def _checks(result_dir: Path, ks: list[int], reports: dict[tuple[str, int], dict
     """fedflock's mean vs Flower's and the numpy loop's on the same updates (same K only)."""
     lines = []
     pairs = [("fedflock-fp32", "flower-fp32"), ("fedflock-int8", "flower-int8"), ("fedflock-fp32", "numpy-fp32")]
+    pairs += [("flower-fp32", "flower-fp32-deser"), ("flower-int8", "flower-int8-deser")]
     for k in ks:
         for ours, theirs in pairs:
             a, b = reports.get((ours, k), {}), reports.get((theirs, k), {})
@@ -181,35 +227,35 @@ def _checks(result_dir: Path, ks: list[int], reports: dict[tuple[str, int], dict
 def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
     lines = []
     for k in ks:
-        numpy_report = reports.get(("numpy-fp32", k), {})
-        numpy_rate = min(numpy_report["times"]) / numpy_report["k"] if "times" in numpy_report else None
+        numpy_rate = _per_update(reports, "numpy-fp32", k)
         for codec in ("fp32", "int8"):
             ours = reports.get((f"fedflock-{codec}", k), {})
-            flower = reports.get((f"flower-{codec}", k), {})
             if "times" not in ours:
                 continue
-            rate = min(ours["times"]) / ours["k"]
             parts = []
-            flower_rates = [
-                min(report["times"]) / report["k"]
-                for report in (reports.get(("flower-fp32", k), {}), reports.get(("flower-int8", k), {}))
-                if "times" in report
-            ]
-            if "times" in flower:
-                speed = (min(flower["times"]) / flower["k"]) / rate
-                fastest = min(flower_rates) / rate
-                parts.append(
-                    f">= {SPEED_GOAL:.0f}x Flower: {'met' if speed >= SPEED_GOAL else 'NOT met'} ({speed:.1f}x its "
-                    f"{codec} row; {fastest:.1f}x its fastest call on either row)"
+            for pattern in FLOWER_CASES:
+                case = pattern.format(codec=codec)
+                ratios = []
+                for stat in ("best", "median"):
+                    theirs, mine = (
+                        _per_update(reports, case, k, stat),
+                        _per_update(reports, f"fedflock-{codec}", k, stat),
+                    )
+                    if theirs and mine:
+                        ratios.append((stat, theirs / mine))
+                if not ratios:
+                    parts.append(f"{case}: not measured")
+                    continue
+                verdicts = ", ".join(
+                    f"{stat} {ratio:.1f}x {'met' if ratio >= SPEED_GOAL else 'NOT met'}" for stat, ratio in ratios
                 )
-            else:
-                parts.append(">= 5x Flower: not measured (no Flower)")
+                parts.append(f">= {SPEED_GOAL:.0f}x {case}: {verdicts}")
             rss_ok = ours["extra_mb"] <= RSS_GOAL_MB
             parts.append(f"extra RSS <= 0.2 GB: {'met' if rss_ok else 'NOT met'} ({ours['extra_mb']:.1f} MB)")
-            if numpy_rate:
+            rate = _per_update(reports, f"fedflock-{codec}", k)
+            if numpy_rate and rate:
                 share = numpy_rate / rate
-                ok = share >= BANDWIDTH_GOAL
-                parts.append(f">= 50% of numpy loop: {'met' if ok else 'NOT met'} ({share:.0%})")
+                parts.append(f">= 50% of numpy loop: {'met' if share >= BANDWIDTH_GOAL else 'NOT met'} ({share:.0%})")
             lines.append(f"K={k} {codec}: " + "; ".join(parts))
     return lines
 
@@ -217,7 +263,7 @@ def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ks", type=int, nargs="+", default=[200, 1000])
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per case")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (best and median are reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument(
@@ -243,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"flwr: {flwr_version or 'NOT INSTALLED'}")
     print(
         f"model: {PARAMS:,} parameters ({PARAMS * 4 / 1e6:.2f} MB fp32) in {len(SHAPES)} tensors; "
-        f"seed {args.seed}; best of {args.repeats}; "
+        f"seed {args.seed}; best and median of {args.repeats}; "
         + f"cache flushed ({2 * l3_bytes() >> 20} MiB buffer) "
         + (
             "before every timed aggregation; a streamed update is folded right after it is made\n"
@@ -261,7 +307,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{banner}\n!! Flower NOT importable: {flwr_error}\n{banner}", file=sys.stderr, flush=True)
 
     reports: dict[tuple[str, int], dict] = {}
-    flower_ks: dict[int, int] = {}
     with tempfile.TemporaryDirectory(prefix="ff-aggregation-") as tmp:
         result_dir = Path(tmp)
         for k in args.ks:
@@ -271,10 +316,10 @@ def main(argv: list[str] | None = None) -> None:
                     if flwr_error:
                         reports[(case, k)] = {"case": case, "k": k, "error": "flwr not importable"}
                         continue
-                    run_k = flower_ks.setdefault(k, _flower_k(k))
+                    run_k = _flower_k(k, case)
                     if run_k < k:
                         print(
-                            f"note: Flower at K={k} needs ~{k * FLOWER_BYTES_PER_UPDATE / 1e9:.1f} GB; "
+                            f"note: {case} at K={k} does not fit in 80 % of available RAM; "
                             f"running K={run_k} (largest that fits) and scaling linearly",
                             flush=True,
                         )
@@ -294,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         checks = _checks(result_dir, args.ks, reports)
 
     print()
-    print("\n".join(_table(reports, args.ks, flower_ks)))
+    print("\n".join(_table(reports, args.ks)))
+    print()
+    print("fedflock speed-up (Flower seconds / fedflock seconds per update; wall and CPU time):\n")
+    print("\n".join(_ratio_table(reports, args.ks)))
     print()
     print("\n".join(checks))
     print()

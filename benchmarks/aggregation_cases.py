@@ -37,7 +37,15 @@ SHAPES: dict[str, tuple[int, ...]] = {  # 1x28x28 -> conv32 -> conv64 -> 2x pool
 NAMES = list(SHAPES)
 PARAMS = sum(math.prod(shape) for shape in SHAPES.values())
 POOL = 2 * PARAMS  # seeded N(0, 0.01) noise; update i is a slice of it at a seeded offset
-CASES = ("fedflock-fp32", "fedflock-int8", "flower-fp32", "flower-int8", "numpy-fp32")
+CASES = (
+    "fedflock-fp32",
+    "fedflock-int8",
+    "flower-fp32",
+    "flower-int8",
+    "flower-fp32-deser",
+    "flower-int8-deser",
+    "numpy-fp32",
+)
 
 
 def l3_bytes() -> int:
@@ -103,42 +111,57 @@ def _payloads(pool: np.ndarray, k: int, seed: int, spec: CodecSpec) -> Iterator[
         del payload
 
 
-def _fedflock(pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None]) -> tuple[float, dict]:
+class _Stopwatch:
+    """Wall and CPU seconds summed over the timed sections (CPU time is robust to a shared machine's load)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+        self._wall = self._cpu = 0.0
+
+    def start(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> None:
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+
+def _fedflock(pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None]) -> tuple[_Stopwatch, dict]:
     spec = CodecSpec.parse(codec)
     mean = WeightedMean()
-    elapsed = 0.0
+    watch = _Stopwatch()
     for weight, payload in _payloads(pool, k, seed, spec):
         flush()
-        start = time.perf_counter()
+        watch.start()
         mean.add_encoded(payload, float(weight), SHAPES)
-        elapsed += time.perf_counter() - start
+        watch.stop()
         del payload
-    start = time.perf_counter()
+    watch.start()
     result = mean.result()
-    elapsed += time.perf_counter() - start
-    return elapsed, result
+    watch.stop()
+    return watch, result
 
 
-def _numpy_loop(pool: np.ndarray, k: int, seed: int, flush: Callable[[], None]) -> tuple[float, dict]:
+def _numpy_loop(pool: np.ndarray, k: int, seed: int, flush: Callable[[], None]) -> tuple[_Stopwatch, dict]:
     acc: dict[str, np.ndarray] = {}
     total = 0.0
-    elapsed = 0.0
+    watch = _Stopwatch()
     for i in range(k):
         weight, tensors, _ = _update(pool, seed, i)
         flush()
-        start = time.perf_counter()
+        watch.start()
         w = float(weight)
         for name, x in tensors.items():
             if name not in acc:
                 acc[name] = np.zeros(x.shape, dtype=np.float64)
             acc[name] += np.multiply(x, w, dtype=np.float64)  # acc += w * x, in float64
         total += w
-        elapsed += time.perf_counter() - start
+        watch.stop()
         del tensors
-    start = time.perf_counter()
+    watch.start()
     result = {name: (value / total).astype(np.float32) for name, value in acc.items()}
-    elapsed += time.perf_counter() - start
-    return elapsed, result
+    watch.stop()
+    return watch, result
 
 
 def _flower_inputs(pool: np.ndarray, k: int, seed: int, codec: str) -> tuple[list, float]:
@@ -158,6 +181,29 @@ def _flower_inputs(pool: np.ndarray, k: int, seed: int, codec: str) -> tuple[lis
     return results, decode_s
 
 
+def _flower_server_call(case: str) -> tuple[Callable[[list[Any]], list[np.ndarray]], Callable[[list], list]]:
+    """(the timed call, what turns decoded ``(NDArrays, n)`` inputs into its argument) for a Flower case.
+
+    ``-deser``: what Flower's server does with the ``Parameters`` a client sends (the bytes
+    ``ndarrays_to_parameters`` makes): ``parameters_to_ndarrays`` on every result, then
+    ``aggregate``. Otherwise ``aggregate`` alone on already-resident ndarrays.
+    """
+    import flwr.common
+
+    aggregate = importlib.import_module("flwr.server.strategy.aggregate").aggregate
+    if not case.endswith("-deser"):
+        return aggregate, lambda results: results
+    to_ndarrays = flwr.common.parameters_to_ndarrays
+
+    def deserialize_and_aggregate(results: list[Any]) -> list[np.ndarray]:
+        return aggregate([(to_ndarrays(parameters), n) for parameters, n in results])
+
+    def serialize(results: list) -> list:
+        return [(flwr.common.ndarrays_to_parameters(arrays), n) for arrays, n in results]
+
+    return deserialize_and_aggregate, serialize
+
+
 def child(case: str, k: int, seed: int, repeats: int, result_path: str | None, flush_mode: str) -> dict:
     report: dict[str, Any] = {"case": case, "k": k}
     aggregate: Callable[[list[Any]], list[np.ndarray]] | None = None
@@ -165,11 +211,10 @@ def child(case: str, k: int, seed: int, repeats: int, result_path: str | None, f
         try:
             import flwr
 
-            flower = importlib.import_module("flwr.server.strategy.aggregate")
+            aggregate, prepare = _flower_server_call(case)
         except ImportError as exc:  # flwr (or one of its dependencies) is not installed here
             return {**report, "error": f"flwr not importable: {type(exc).__name__}: {exc}"}
         report["flwr"] = flwr.__version__
-        aggregate = flower.aggregate
     pool = np.random.default_rng([seed, 2**31]).standard_normal(POOL, dtype=np.float32)
     pool *= np.float32(0.01)
     flusher = _CacheFlusher()
@@ -178,18 +223,23 @@ def child(case: str, k: int, seed: int, repeats: int, result_path: str | None, f
     baseline = _vm_kib("VmRSS")
     report["peak_reset"] = _reset_peak()
     times: list[float] = []
+    cpu_times: list[float] = []
     faults: list[int] = []  # minor page faults per timed pass (streamed cases: the whole pass, generation included)
     result: dict[str, np.ndarray] = {}
     if aggregate is not None:
-        results, report["decode_s"] = _flower_inputs(pool, k, seed, case.split("-", 1)[1])
+        results, report["decode_s"] = _flower_inputs(pool, k, seed, case.split("-")[1])
+        results = prepare(results)  # -deser: the serialized Parameters only (the ndarrays are dropped)
         report["inputs_mb"] = (_vm_kib("VmRSS") - baseline) * 1024 / 1e6
         for _ in range(repeats):
             result = {}
             flusher()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            start = time.perf_counter()
+            watch = _Stopwatch()
+            watch.start()
             layers = aggregate(results)
-            times.append(time.perf_counter() - start)
+            watch.stop()
+            times.append(watch.wall)
+            cpu_times.append(watch.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
             result = dict(zip(NAMES, layers, strict=True))
     else:
@@ -198,12 +248,14 @@ def child(case: str, k: int, seed: int, repeats: int, result_path: str | None, f
             flusher()
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             if case == "numpy-fp32":
-                elapsed, result = _numpy_loop(pool, k, seed, flush)
+                watch, result = _numpy_loop(pool, k, seed, flush)
             else:
-                elapsed, result = _fedflock(pool, k, seed, case.split("-", 1)[1], flush)
-            times.append(elapsed)
+                watch, result = _fedflock(pool, k, seed, case.split("-", 1)[1], flush)
+            times.append(watch.wall)
+            cpu_times.append(watch.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     report["times"] = times
+    report["cpu_times"] = cpu_times
     report["faults"] = faults
     report["extra_mb"] = (_vm_kib("VmHWM") - baseline) * 1024 / 1e6
     if result_path:

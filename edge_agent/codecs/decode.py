@@ -1,20 +1,23 @@
 """Decoding FFCU payloads: full decode (devices, tests) and the server's two-phase streaming fold.
 
 Phase 1 (:func:`parse_update`) reads and validates the *whole* payload into :class:`Record`
-views without materialising any tensor; phase 2 decodes one tensor at a time. A bad payload
-therefore fails before a single accumulator element has been touched.
+views without materialising any tensor (:func:`prepare_update` adds the accumulator checks);
+phase 2 (:func:`fold_updates`) folds one tensor at a time, in cache-sized blocks
+(:mod:`edge_agent.codecs.fold`). A bad payload therefore fails before a single accumulator
+element has been touched.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_agent.codecs.base import Codec
 from edge_agent.codecs.choose import MILD_CODECS
+from edge_agent.codecs.fold import Folder, Term, dense_term
 from edge_agent.codecs.reader import Reader, Record
 from edge_agent.codecs.wire import (
     BODY_LENGTH,
@@ -203,21 +206,39 @@ def decode_update(
     return {rec.name: parsed.record_codec(rec).decode(rec).reshape(rec.shape) for rec in parsed.records}
 
 
-def accumulate_update(
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """An update validated in full against checked accumulators: folding it can no longer fail."""
+
+    parsed: ParsedUpdate
+    weight: float
+    records: dict[str, Record]
+    terms: dict[str, Term | None]  # per tensor: the block kernel's term, or None (the codec's own fold)
+
+    @property
+    def info(self) -> UpdateInfo:
+        return self.parsed.info
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes this update keeps alive until folded (its records' data, scales and indices)."""
+        return sum(
+            rec.data.nbytes
+            + (rec.scales.nbytes if rec.scales is not None else 0)
+            + (rec.indices.nbytes if rec.indices is not None else 0)
+            for rec in self.parsed.records
+        )
+
+
+def prepare_update(
     payload: bytes | bytearray | memoryview,
-    into: MutableMapping[str, np.ndarray],
+    into: Mapping[str, np.ndarray],
     weight: float,
     expected: Mapping[str, tuple[int, ...]],
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> UpdateInfo:
-    """``into[name] += weight * decoded`` for every tensor, all or nothing.
-
-    ``into`` holds float64 accumulators with the ``expected`` shapes. The payload is validated in
-    full first (protocol errors as for :func:`decode_update`), then folded in one tensor at a time
-    without a float32 copy of the update. ``ValueError`` if ``weight`` is not finite or ``into``
-    does not fit ``expected`` (a caller bug; nothing is modified).
-    """
+) -> PreparedUpdate:
+    """Phase 1 of :func:`accumulate_update`: every check, nothing modified (errors as there)."""
     if not math.isfinite(weight):
         raise ValueError(f"weight must be finite, got {weight!r}")
     parsed = parse_update(payload, expected, max_elements=max_elements)
@@ -229,6 +250,50 @@ def accumulate_update(
         if not acc.flags.writeable:
             raise ValueError(f"accumulator {rec.name!r} is read-only")
     weight = float(weight)
-    for rec in parsed.records:
-        parsed.record_codec(rec).accumulate(rec, into[rec.name], weight)
-    return parsed.info
+    records = {rec.name: rec for rec in parsed.records}
+    terms = {rec.name: dense_term(rec, parsed.record_codec(rec).name, weight) for rec in parsed.records}
+    return PreparedUpdate(parsed, weight, records, terms)
+
+
+def fold_updates(
+    updates: Sequence[PreparedUpdate], into: MutableMapping[str, np.ndarray], folder: Folder | None = None
+) -> None:
+    """Phase 2: ``into[name] += weight * decoded`` for every prepared update, tensor by tensor.
+
+    The updates must have been prepared against these accumulators (same names and shapes). With
+    several updates the block kernel folds them together (one pass over each accumulator).
+    """
+    folder = folder if folder is not None else Folder()
+    for name, acc in into.items():
+        terms: list[Term] = []
+        for update in updates:
+            term = update.terms.get(name)
+            if term is not None and acc.flags.c_contiguous:
+                terms.append(term)
+            elif name in update.records:  # no block kernel for this codec, or a strided accumulator
+                rec = update.records[name]
+                update.parsed.record_codec(rec).accumulate(rec, acc, update.weight)
+        if terms:
+            folder.fold(acc.reshape(-1), terms)
+
+
+def accumulate_update(
+    payload: bytes | bytearray | memoryview,
+    into: MutableMapping[str, np.ndarray],
+    weight: float,
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    folder: Folder | None = None,
+) -> UpdateInfo:
+    """``into[name] += weight * decoded`` for every tensor, all or nothing.
+
+    ``into`` holds float64 accumulators with the ``expected`` shapes. The payload is validated in
+    full first (protocol errors as for :func:`decode_update`), then folded in one tensor at a time
+    in cache-sized blocks (:mod:`edge_agent.codecs.fold`) without a float copy of the update;
+    pass a long-lived ``folder`` to reuse its scratch buffers. ``ValueError`` if ``weight`` is not
+    finite or ``into`` does not fit ``expected`` (a caller bug; nothing is modified).
+    """
+    prepared = prepare_update(payload, into, weight, expected, max_elements=max_elements)
+    fold_updates([prepared], into, folder)
+    return prepared.info

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from broker_server.aggregate import WeightedMean, apply_delta, weighted_mean
+from edge_agent.codecs import CodecSpec, encode_update
+from edge_agent.errors import MalformedMessage
 
 
 def test_unequal_example_counts_weight_the_mean() -> None:
@@ -53,3 +55,83 @@ def test_apply_delta_moves_only_listed_tensors() -> None:
     np.testing.assert_allclose(new["w"], [2.0, -1.0])
     np.testing.assert_allclose(new["frozen"], [9.0])
     assert weights["w"][0] == 1.0  # input untouched
+
+
+SHAPES = {"conv": (4, 3, 3, 3), "bias": (4,), "fc": (10, 50)}
+
+
+def _payload(seed: int, codec: str = "fp32") -> bytes:
+    rng = np.random.default_rng(seed)
+    tensors = {name: (rng.standard_normal(shape) * 0.01).astype(np.float32) for name, shape in SHAPES.items()}
+    return encode_update(tensors, CodecSpec(codec), rng=rng)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8", "int8-channel", "topk"])
+def test_group_fold_equals_one_by_one_fold(codec: str) -> None:
+    payloads = [(_payload(seed, codec), float(16 + 7 * seed)) for seed in range(11)]
+    one, grouped = WeightedMean(group=1), WeightedMean(group=4)
+    for payload, weight in payloads:
+        one.add_encoded(payload, weight, SHAPES)
+        grouped.add_encoded(payload, weight, SHAPES)
+        assert one.waiting == 0 and grouped.waiting == grouped.count % 4
+    assert (grouped.count, grouped.total_weight) == (one.count, one.total_weight)
+    for name, value in grouped.sums().items():  # sums() folds the 3 still waiting
+        np.testing.assert_allclose(value, one.sums()[name], rtol=1e-13, atol=1e-18)
+    assert grouped.waiting == 0
+    for name, value in grouped.result().items():
+        np.testing.assert_allclose(value, one.result()[name], rtol=1e-6)
+
+
+def test_bad_update_inside_a_group_is_refused_and_leaves_the_mean_intact() -> None:
+    mean = WeightedMean(group=3)
+    mean.add_encoded(_payload(0), 10.0, SHAPES)
+    good = _payload(1)
+    bad = good[:-4] + np.float32(np.nan).tobytes()  # the last element of the last tensor
+    with pytest.raises(MalformedMessage, match="non-finite"):
+        mean.add_encoded(bad, 20.0, SHAPES)
+    assert (mean.count, mean.total_weight, mean.waiting) == (1, 10.0, 1)
+    mean.add_encoded(good, 20.0, SHAPES)
+    reference = WeightedMean(group=1)
+    reference.add_encoded(_payload(0), 10.0, SHAPES)
+    reference.add_encoded(good, 20.0, SHAPES)
+    for name, value in mean.result().items():
+        np.testing.assert_array_equal(value, reference.result()[name])
+
+
+def test_a_waiting_mutable_payload_is_copied() -> None:
+    buffer = bytearray(_payload(2))
+    mean = WeightedMean(group=8)
+    mean.add_encoded(buffer, 5.0, SHAPES)
+    expected = WeightedMean(group=1)
+    expected.add_encoded(bytes(buffer), 5.0, SHAPES)
+    buffer[:] = _payload(3)  # the caller reuses its receive buffer before the group is folded
+    assert mean.waiting == 1
+    for name, value in mean.result().items():
+        np.testing.assert_array_equal(value, expected.result()[name])
+
+
+def test_group_bytes_caps_the_waiting_payload_data() -> None:
+    payload = _payload(4)
+    data_bytes = 4 * sum(int(np.prod(shape)) for shape in SHAPES.values())  # fp32 values held per update
+    mean = WeightedMean(group=8, group_bytes=2 * data_bytes - 1)  # two updates' data exceed the cap
+    mean.add_encoded(payload, 1.0, SHAPES)
+    assert mean.waiting == 1
+    mean.add_encoded(payload, 1.0, SHAPES)
+    assert mean.waiting == 0
+    with pytest.raises(ValueError, match="group"):
+        WeightedMean(group=0)
+
+
+def test_add_and_load_see_no_stale_waiting_updates() -> None:
+    mean = WeightedMean(group=4)
+    mean.add_encoded(_payload(5), 2.0, SHAPES)
+    checkpoint = mean.sums()
+    mean.add_encoded(_payload(6), 3.0, SHAPES)
+    mean.load(checkpoint, total_weight=2.0, count=1)  # the waiting update is superseded, never folded later
+    assert mean.waiting == 0
+    restored = WeightedMean.restore(checkpoint, total_weight=2.0, count=1)
+    for name, value in mean.result().items():
+        np.testing.assert_array_equal(value, restored.result()[name])
+    mean.add_encoded(_payload(7), 1.0, SHAPES)
+    mean.add({name: np.ones(shape, np.float32) for name, shape in SHAPES.items()}, 1.0)  # folds the waiting one
+    assert mean.waiting == 0 and mean.count == 3
