@@ -1,9 +1,11 @@
-"""What asynchronous aggregation stores to survive a restart: pure data and its JSON form, no I/O.
+"""What asynchronous aggregation stores to survive a restart: pure data, its JSON form, task-table rules.
 
 An :class:`AsyncLedger` is the FedBuff state the server store does not hold in its round records:
 the open buffer (:class:`~broker_server.fedbuff.BufferCheckpoint`: weighted sums, weight, the
 contributing tasks, metrics) and the task table (every TASK issued and not yet answered, with
-its device, model version and wall-clock deadline). The server writes the whole ledger as one
+its device, model version, wall-clock deadline, nonce and base digest: update binding, so a
+restarted server still refuses a replayed or cross-device update; a ledger written before
+binding has no nonces and its tasks take their updates unbound). The server writes the whole ledger as one
 store setting in one transaction after every change (a TASK issued, an update accepted, a
 task failed or timed out, a buffer sealed), so the buffer and the task table always agree: an
 accepted task is in the buffer and no longer in the table, in one write.
@@ -18,15 +20,22 @@ once if full). Sums travel as base64 of :func:`~edge_agent.protocol.tensors.enco
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+import dataclasses
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker_server.fedbuff import BufferCheckpoint, Contribution
+from broker_server.update_binding import IssuedTask
 from edge_agent.errors import ProtocolError, StorageError
+from edge_agent.protocol.binding import TaskBinding, new_nonce
 from edge_agent.protocol.tensors import decode_tensors, encode_tensors
 
-__all__ = ["ASYNC_SETTING", "LATE_SETTING", "AsyncLedger", "TaskEntry", "empty_buffer"]
+__all__ = ["ASYNC_SETTING", "LATE_SETTING", "AsyncLedger", "TaskEntry", "empty_buffer", "expire_tasks", "issue_tasks"]
+
+log = logging.getLogger("fedflock.server")
 
 #: the store setting of the asynchronous engine's ledger
 ASYNC_SETTING = "fedbuff"
@@ -46,6 +55,41 @@ class TaskEntry:
     deadline: float
     #: True once the deadline passed (the device may get another task)
     expired: bool = False
+    #: the TASK's nonce and the digest of its weights payload ("": stored by a server without binding)
+    nonce: str = ""
+    base_digest: str = ""
+
+    def issued(self) -> IssuedTask:
+        """The task as FedBuff's task table shows it (the binding its update must echo)."""
+        return IssuedTask(
+            device_id=self.device_id,
+            model_version=self.model_version,
+            round=self.round,
+            binding=TaskBinding(self.nonce, self.base_digest),
+        )
+
+
+def issue_tasks(
+    chosen: Iterable[str],
+    *,
+    round_: int,
+    model_version: int,
+    deadline: float,
+    base_digest: str,
+    nonce: Callable[[], str] = new_nonce,
+) -> dict[str, TaskEntry]:
+    """One new task entry per chosen device: a fresh id and nonce, all sent the payload ``base_digest``."""
+    return {
+        f"a{round_}-{uuid.uuid4().hex[:12]}": TaskEntry(
+            device_id=device_id,
+            model_version=model_version,
+            round=round_,
+            deadline=deadline,
+            nonce=nonce(),
+            base_digest=base_digest,
+        )
+        for device_id in chosen
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +110,7 @@ class AsyncLedger:
                 for c in buffer.contributors
             ],
             "tasks": {
-                task_id: [t.device_id, t.model_version, t.round, t.deadline, t.expired]
+                task_id: [t.device_id, t.model_version, t.round, t.deadline, t.expired, t.nonce, t.base_digest]
                 for task_id, t in self.tasks.items()
             },
         }
@@ -95,17 +139,38 @@ class AsyncLedger:
                 metric_sums={str(k): float(v) for k, v in data["metric_sums"].items()},
                 num_examples=int(data["num_examples"]),
             )
-            tasks = {
-                str(task_id): TaskEntry(
-                    device_id=str(d), model_version=int(v), round=int(r), deadline=float(at), expired=bool(x)
-                )
-                for task_id, (d, v, r, at, x) in data["tasks"].items()
-            }
+            tasks = {str(task_id): _task_entry(entry) for task_id, entry in data["tasks"].items()}
         except (KeyError, TypeError, ValueError, ProtocolError) as exc:
             raise StorageError(f"the stored asynchronous ledger is unusable: {exc}") from exc
         if contributors and not sums:
             raise StorageError("the stored asynchronous ledger lists contributions without their sums")
         return cls(buffer=buffer, tasks=tasks)
+
+
+def expire_tasks(tasks: dict[str, TaskEntry], *, now: float, oldest: int, forget_below: int) -> bool:
+    """Mark tasks past their deadline or based on a version older than ``oldest`` expired (their
+    slots are reused) and forget those based below ``forget_below`` (long refused as stale: a
+    replay of one is an unknown task); True if ``tasks`` changed."""
+    changed = False
+    for task_id, entry in list(tasks.items()):
+        if entry.model_version < forget_below:
+            del tasks[task_id]
+            changed = True
+        elif not entry.expired and (entry.deadline <= now or entry.model_version < oldest):
+            log.info("task %s of %s timed out or went stale; its slot is reused", task_id, entry.device_id)
+            tasks[task_id] = dataclasses.replace(entry, expired=True)
+            changed = True
+    return changed
+
+
+def _task_entry(stored: list[Any]) -> TaskEntry:
+    """A stored task: 7 fields, or the first 5 of them from a ledger written before binding."""
+    if len(stored) not in (5, 7):
+        raise ValueError(f"a stored task has {len(stored)} fields")
+    d, v, r, at, x = stored[:5]
+    nonce, base = (str(stored[5]), str(stored[6])) if len(stored) == 7 else ("", "")
+    entry = TaskEntry(device_id=str(d), model_version=int(v), round=int(r), deadline=float(at), expired=bool(x))
+    return dataclasses.replace(entry, nonce=nonce, base_digest=base)
 
 
 def empty_buffer(base_version: int) -> BufferCheckpoint:

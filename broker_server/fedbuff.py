@@ -13,7 +13,11 @@ concurrently. The duplicate check, the fold, the seal and the version bump happe
 lock, so an accepted update is in exactly one sealed buffer and each version is produced once.
 (Decoding happens under the lock too; updates are small next to the network time they took.)
 
-Duplicates: at most one update per ``(device_id, task_id)`` is accepted, whatever its attempt.
+Duplicates: at most one update per ``(device_id, task_id)`` is accepted, whatever its attempt; a
+copy is ``duplicate`` while its contribution is in the open buffer and ``replayed`` once that
+buffer was sealed. Binding (:mod:`broker_server.update_binding`): with a task table an update must
+also echo its TASK's nonce, base digest and round (``bad_nonce``, ``wrong_base``, ``cross_round``,
+``cross_device``).
 Accepted keys are remembered up to ``max_remembered_keys`` (oldest forgotten first). With a task
 table (``task_of``: every update must carry the device and model version its task was issued
 with) a key is also forgotten once its version is more than ``max_staleness`` behind, because any
@@ -30,13 +34,14 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
 from broker_server.aggregate import WeightedMean
 from broker_server.rounds import MAX_EXAMPLES_PER_UPDATE
 from broker_server.staleness import ConstantStaleness, HingeStaleness, PolynomialStaleness, StalenessFn
+from broker_server.update_binding import IssuedTask, issued_refusal
 from edge_agent.codecs import CodecSpec, payload_codec
 from edge_agent.errors import ConfigError, ContractViolation, FedflockError, ProtocolError
 from edge_agent.protocol.manifest import TensorSpec
@@ -93,7 +98,10 @@ class FedBuffConfig:
 
 # -- outcomes ------------------------------------------------------------------------------------
 
-RejectReason = Literal["duplicate", "unknown_task", "future_version", "stale", "invalid"]
+RejectReason = Literal[
+    "duplicate", "unknown_task", "future_version", "stale", "invalid",
+    "replayed", "cross_round", "cross_device", "bad_nonce", "wrong_base",
+]  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,14 +120,6 @@ class Rejected:
     detail: str
     #: the :mod:`edge_agent.errors` code for ``invalid`` updates (e.g. ``contract_violation``)
     error_code: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class IssuedTask:
-    """What the caller's task table knows of an async task."""
-
-    device_id: str
-    model_version: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,16 +311,18 @@ class FedBuff:
         key = (update.device_id, update.task_id)
         if self._task_of is not None:
             task = self._task_of(update.task_id)
-            if task is None or task.device_id != update.device_id:
-                detail = f"task {update.task_id!r} was not issued to {update.device_id!r}"
+            if task is None:
+                detail = f"task {update.task_id!r} was not issued (or is long forgotten)"
                 return Rejected(reason="unknown_task", detail=detail, error_code="contract_violation")
-            if task.model_version != update.model_version:
-                detail = (
-                    f"task {update.task_id!r} was issued at v{task.model_version}, update says v{update.model_version}"
-                )
-                return Rejected(reason="unknown_task", detail=detail, error_code="contract_violation")
-        if key in self._seen:
-            return Rejected(reason="duplicate", detail=f"task {update.task_id!r} already contributed")
+            refused = issued_refusal(update, task)
+            if refused is not None:
+                return Rejected(reason=cast(RejectReason, refused[0]), detail=refused[1], error_code=refused[0])
+        if key in self._seen:  # a copy: a QoS 1 duplicate while its buffer is open, a replay once it is sealed
+            sealed = all(c.task_id != update.task_id for c in self._buffer.contributors)
+            detail = f"task {update.task_id!r} already contributed" + (" to a sealed buffer" if sealed else "")
+            if sealed:
+                return Rejected(reason="replayed", detail=detail, error_code="replayed")
+            return Rejected(reason="duplicate", detail=detail)
         staleness = self._version - update.model_version
         if staleness < 0:
             detail = f"update is based on v{update.model_version}, the current version is v{self._version}"

@@ -141,6 +141,7 @@ class RoundJournal:
                 round=state.round,
                 model_version=state.model_version,
                 tasks=dict(state.tasks),
+                bindings=dict(state.bindings),
                 deadline=opened.deadline,
                 created_at=opened.created_at,
                 config=opened.plan.to_json(),

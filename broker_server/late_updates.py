@@ -3,7 +3,8 @@
 An update that arrives after its round closed (an over-selected straggler, a device past the
 deadline) is offered to a :class:`~broker_server.fedbuff.FedBuff` by
 :func:`~broker_server.selection.route_late_update` (only for a task the closed round issued to
-that device and did not count: never twice). Its weight is ``num_examples × f(s)`` with ``s`` the
+that device and did not count: never twice; its nonce and base digest checked again through the
+task table, :mod:`broker_server.update_binding`). Its weight is ``num_examples × f(s)`` with ``s`` the
 versions the model moved on since the task's version (``asynchronous.staleness``; refused past
 ``asynchronous.max_staleness``). The pending late updates then *join the next completed round's
 aggregate*: :func:`combine` merges the two weighted means, so the round's delta is the mean over
@@ -35,6 +36,7 @@ from broker_server.journal import RoundJournal
 from broker_server.rounds import RoundState
 from broker_server.selection import Dropped, route_late_update
 from edge_agent.errors import StorageError
+from edge_agent.protocol.binding import TaskBinding
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import UpdateMessage
 
@@ -85,7 +87,10 @@ class LateUpdates:
         closed = self._closed()
         if closed is None or task_id not in closed.tasks:
             return None
-        return IssuedTask(device_id=closed.tasks[task_id], model_version=closed.model_version)
+        binding = closed.bindings.get(task_id, TaskBinding())
+        return IssuedTask(
+            device_id=closed.tasks[task_id], model_version=closed.model_version, round=closed.round, binding=binding
+        )
 
     def resume(self, model_version: int) -> None:
         """Refold the stored pending updates if no stored version includes them yet."""

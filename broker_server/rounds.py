@@ -21,10 +21,19 @@ answered with its stored result (``Agent._accept_task``), and :meth:`RoundState.
 turns such a re-sent update into a buffer row *only*: it is not counted, journaled, weighed into
 the mean or the metrics again (it returns False, like a duplicate). :meth:`Refill.verify` then
 checks the re-collected rows against the stored sums, so a device cannot swap its update.
+
+**Update binding** (:mod:`edge_agent.protocol.binding`). Every task has a :class:`TaskBinding`
+(its nonce and the digest of the weights payload it was sent with) in :attr:`RoundState.bindings`;
+an update must echo both. Refusals carry their own codes: ``replayed`` (a result for a round
+that is over, or — :meth:`RoundState.check_late` — a copy of an update its closed round already
+counted), ``cross_round`` (a (round, task) pair this round did not issue), ``cross_device``,
+``bad_nonce`` and ``wrong_base`` (base digest or model version). A copy of an accepted update
+arriving while its round is still collecting is a QoS 1 duplicate: ignored, not refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +42,16 @@ from broker_server.aggregate import WeightedMean
 from broker_server.robust import BufferFull, UpdateBuffer
 from edge_agent.codecs import CodecSpec, payload_codec
 from edge_agent.errors import ContractViolation, FedflockError
+from edge_agent.protocol.binding import (
+    BindingRefused,
+    CrossDevice,
+    CrossRound,
+    Replayed,
+    TaskBinding,
+    WrongBase,
+    binding_refusal,
+    new_nonce,
+)
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 
@@ -40,6 +59,20 @@ from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 MAX_EXAMPLES_PER_UPDATE = 10_000_000
 #: relative tolerance of :meth:`Refill.verify` (float64 sums of the same values in another order)
 REFILL_RTOL = 1e-9
+
+
+def other_round(round_: int, collecting: int) -> BindingRefused:
+    """The refusal of a result for ``round_`` while the server collects round ``collecting``."""
+    if round_ < collecting:
+        return Replayed(f"result for round {round_}, which is over (the server collects round {collecting})")
+    return CrossRound(f"result for round {round_}, the server collects round {collecting}")
+
+
+def bind_tasks(
+    tasks: dict[str, str], base_digest: str, *, nonce: Callable[[], str] = new_nonce
+) -> dict[str, TaskBinding]:
+    """A fresh nonce for every task id, all sent the weights payload whose digest is ``base_digest``."""
+    return {task_id: TaskBinding(nonce=nonce(), base_digest=base_digest) for task_id in tasks}
 
 
 @dataclass
@@ -100,6 +133,8 @@ class RoundState:
     examples: int = -1
     #: a restored buffered round: the accepted updates whose rows must be collected again
     refill: Refill | None = None
+    #: task id -> its nonce and base digest (a task without an entry was issued unbound)
+    bindings: dict[str, TaskBinding] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.examples < 0:
@@ -116,12 +151,37 @@ class RoundState:
     def _check_issued(self, device_id: str, task_id: str, round_: int) -> None:
         """Raise for a result that this round did not ask ``device_id`` for."""
         if round_ != self.round:
-            raise ContractViolation(f"result for round {round_}, current round is {self.round}")
+            raise other_round(round_, self.round)
         owner = self.tasks.get(task_id)
         if owner is None:
-            raise ContractViolation(f"unknown task id {task_id!r}")
+            raise CrossRound(f"task {task_id!r} is not a task of round {self.round}")
         if owner != device_id:
-            raise ContractViolation(f"task {task_id!r} was issued to {owner!r}, not {device_id!r}")
+            raise CrossDevice(f"task {task_id!r} was issued to {owner!r}, not {device_id!r}")
+
+    def check_binding(self, update: UpdateMessage) -> None:
+        """Raise unless ``update`` echoes its task's nonce and base digest (the task is this round's)."""
+        refusal = binding_refusal(
+            device_id=update.device_id,
+            nonce=update.nonce,
+            base_digest=update.base_digest,
+            owner=self.tasks[update.task_id],
+            binding=self.bindings.get(update.task_id, TaskBinding()),
+            task_id=update.task_id,
+        )
+        if refusal is not None:
+            raise refusal
+
+    def check_late(self, message: UpdateMessage | ErrorMessage) -> bool:
+        """For a result of this round after it closed: True if its task has no result yet (route it
+        as late), False for a repeated ERROR; raises for an unbound update and ``Replayed`` for an
+        update of a task the round counted (its aggregate is closed: a copy now is a replay)."""
+        self._check_issued(message.device_id, message.task_id, message.round)
+        counted = message.task_id in self.accepted or message.task_id in self.failed
+        if isinstance(message, UpdateMessage):
+            self.check_binding(message)
+            if counted:
+                raise Replayed(f"task {message.task_id!r} was counted in round {self.round}, which has closed")
+        return not counted
 
     def _check_task(self, device_id: str, task_id: str, round_: int) -> bool:
         """True if new; False for a duplicate; raises for anything not issued to this device."""
@@ -136,8 +196,11 @@ class RoundState:
         refill = self.refill
         if refill is not None and update.task_id in refill.pending:
             self._check_issued(update.device_id, update.task_id, update.round)
+            self.check_binding(update)
             self._refill_row(refill, update, self._weight(update))
             return False
+        self._check_issued(update.device_id, update.task_id, update.round)
+        self.check_binding(update)
         if not self._check_task(update.device_id, update.task_id, update.round):
             return False
         weight = self._weight(update)
@@ -169,7 +232,7 @@ class RoundState:
     def _weight(self, update: UpdateMessage) -> float:
         """``num_examples x`` the device's trust multiplier; raises if the update is unacceptable."""
         if update.model_version != self.model_version:
-            raise ContractViolation(f"update is based on model v{update.model_version}, task was v{self.model_version}")
+            raise WrongBase(f"update is based on model v{update.model_version}, task was v{self.model_version}")
         if update.num_examples > MAX_EXAMPLES_PER_UPDATE:
             raise ContractViolation(f"num_examples {update.num_examples} > {MAX_EXAMPLES_PER_UPDATE}")
         try:

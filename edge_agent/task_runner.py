@@ -1,7 +1,10 @@
 """One task's work on the device: train with onnxruntime, encode the delta, build the UPDATE.
 
 No I/O beyond the device's own state files (personal tensors, codec residual); the agent decides
-when to run it (eligibility) and what to do with the result (store, upload).
+when to run it (eligibility) and what to do with the result (store, upload). The UPDATE is bound
+to its TASK (:mod:`edge_agent.protocol.binding`): it echoes the TASK's nonce and carries the
+sha256 of the payload it trained from; both live in the stored envelope, so a re-send after a
+restart carries them unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from edge_agent.codecs import (
 )
 from edge_agent.data import Dataset
 from edge_agent.errors import FedflockError, ProtocolError, StorageError
+from edge_agent.privacy import LocalDP
+from edge_agent.protocol.binding import payload_digest
 from edge_agent.protocol.messages import ErrorMessage, TaskMessage, UpdateMessage
+from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.runtime.bundle import check_tensors
 from edge_agent.runtime.checkpoint import (
     CheckpointMismatch,
@@ -58,6 +64,7 @@ class TaskRunner:
         codec_preferences: Mapping[str, tuple[str, ...]],
         error_feedback: bool,
         validation: Dataset | None = None,
+        local_dp: LocalDP | None = None,
     ) -> None:
         self.trainer = trainer
         self.data = data
@@ -71,6 +78,8 @@ class TaskRunner:
         digest = trainer.bundle.digest[:16]
         self._residual_path = state_dir / f"residual-{digest}.ffts" if state_dir is not None else None
         self._feedback: ErrorFeedback | None = None
+        #: local DP: clip + noise every delta before the codec and error feedback (None: off)
+        self.local_dp = local_dp
 
     def execute(
         self,
@@ -146,6 +155,8 @@ class TaskRunner:
         self.personal.save(result.weights)
         aggregated = [t.name for t in bundle.manifest.aggregated_tensors]
         delta = {name: (result.weights[name] - task.weights[name]).astype(np.float32) for name in aggregated}
+        if self.local_dp is not None:  # before the codec: its rounding and residual are post-processing
+            delta = self.local_dp.privatize(delta)
         spec = choose_codec(task.codecs, self._preferences, network)
         payload = self._encode(delta, spec)
         seconds = self._clock() - started
@@ -167,6 +178,8 @@ class TaskRunner:
             "local_eval_accuracy": evaluation.accuracy,
             "train_seconds": seconds,
         }
+        if self.local_dp is not None:
+            metrics["local_dp_epsilon"] = self.local_dp.epsilon(1)
         if used_batch != task.batch_size:
             metrics["batch_size"] = float(used_batch)
         if result.loss_scale is not None:  # fp16 bundles: overflowed (skipped) steps and the loss scale
@@ -179,6 +192,8 @@ class TaskRunner:
             num_examples=result.num_examples,
             metrics={key: value for key, value in metrics.items() if math.isfinite(value)},
             codec=str(spec),
+            nonce=task.nonce,
+            base_digest=task.weights_digest or payload_digest(encode_tensors(task.weights)),
             payload=payload,
         )
 

@@ -25,6 +25,7 @@ from broker_server.persistence.records import (
 )
 from broker_server.persistence.schema import Tx
 from edge_agent.errors import ProtocolError
+from edge_agent.protocol.binding import TaskBinding
 from edge_agent.protocol.tensors import decode_tensors
 
 # -- encoding ------------------------------------------------------------------------------------
@@ -117,8 +118,10 @@ def insert_round(tx: Tx, round_: RoundRow, config: str) -> None:
     )
     # sorted: concurrent rounds lock shared device rows in one order, so they cannot deadlock
     for task_id, device_id in sorted(round_.tasks.items(), key=lambda item: (item[1], item[0])):
+        binding = round_.bindings.get(task_id, TaskBinding())
         tx.execute(
-            "INSERT INTO round_tasks (round, task_id, device_id) VALUES (?, ?, ?)", (round_.round, task_id, device_id)
+            "INSERT INTO round_tasks (round, task_id, device_id, nonce, base_digest) VALUES (?, ?, ?, ?, ?)",
+            (round_.round, task_id, device_id, binding.nonce, binding.base_digest),
         )
         count_participation(tx, device_id, "selected_count")
 
@@ -196,7 +199,7 @@ def select_round(tx: Tx, round_: int) -> RoundSnapshot:
     if row is None:
         raise RecordNotFound(f"round {round_} is not stored")
     task_rows = tx.execute(
-        "SELECT task_id, device_id, state, result_key, reason, reported_at FROM round_tasks"
+        "SELECT task_id, device_id, state, result_key, reason, reported_at, nonce, base_digest FROM round_tasks"
         " WHERE round = ? ORDER BY task_id",
         (round_,),
     ).fetchall()
@@ -208,6 +211,8 @@ def select_round(tx: Tx, round_: int) -> RoundSnapshot:
             key=t[3],
             reason=t[4],
             reported_at=None if t[5] is None else float(t[5]),
+            nonce=t[6],
+            base_digest=t[7],
         )
         for t in task_rows
     )
@@ -222,6 +227,7 @@ def select_round(tx: Tx, round_: int) -> RoundSnapshot:
         reason=row[7],
         result_version=None if row[8] is None else int(row[8]),
         tasks={t.task_id: t.device_id for t in tasks},
+        bindings={t.task_id: TaskBinding(t.nonce, t.base_digest) for t in tasks if t.nonce},
     )
     return RoundSnapshot(round=record, tasks=tasks, checkpoint=_select_checkpoint(tx, round_, tasks))
 

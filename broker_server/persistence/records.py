@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edge_agent.protocol.binding import TaskBinding
+
 __all__ = [
     "AggregateCheckpoint",
     "DeviceRow",
@@ -55,7 +57,8 @@ class DeviceRow:
 class RoundRow:
     """One round as it was opened, and how it ended.
 
-    ``tasks`` maps task id -> device id. ``config`` is the strategy configuration the round runs
+    ``tasks`` maps task id -> device id; ``bindings`` task id -> its nonce and base digest (a
+    task without an entry was issued unbound). ``config`` is the strategy configuration the round runs
     with (codecs, hyper-parameters, ...; JSON). ``deadline`` is wall-clock.
     """
 
@@ -70,6 +73,7 @@ class RoundRow:
     closed_at: float | None = None
     #: the model version the round produced (completed rounds only)
     result_version: int | None = None
+    bindings: Mapping[str, TaskBinding] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +86,8 @@ class TaskRow:
     key: str | None = None
     reason: str = ""
     reported_at: float | None = None
+    nonce: str = ""
+    base_digest: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -73,4 +73,5 @@ def restore_round(
         accepted=set(snapshot.accepted),
         failed=snapshot.failed,
         metric_sums=dict(checkpoint.metric_sums),
+        bindings=dict(record.bindings),
     )

@@ -22,6 +22,10 @@ Schema version 1::
     rollout_state    name PK, state (JSON), updated_at
     settings         key PK, value (JSON), updated_at
 
+Schema version 2 (update binding, issue #7) adds to ``round_tasks``: ``nonce`` and
+``base_digest`` (TEXT, ``''`` for tasks stored before: issued unbound, their updates are
+accepted without them), so a restarted server re-sends the same nonce and still refuses replays.
+
 ``MIGRATIONS[v]`` turns schema ``v`` into ``v + 1`` (step 0 creates version 1), all inside one
 transaction with the version bump, so a failed migration leaves the old version; PostgreSQL
 and SQLite both have transactional DDL. To change the schema append a step and bump
@@ -40,7 +44,7 @@ from broker_server.persistence.errors import StorageError
 __all__ = ["APPLICATION", "MIGRATIONS", "SCHEMA_VERSION", "TABLES", "Cursor", "Dialect", "Tx", "ensure_schema"]
 
 APPLICATION = "fedflock-server"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TABLES = frozenset(
     {
         "fedflock_meta",
@@ -169,7 +173,12 @@ def _create_v1(tx: Tx) -> None:
         tx.execute(statement.format(blob=tx.dialect.blob, real=tx.dialect.real))
 
 
-MIGRATIONS: Mapping[int, Migration] = {0: _create_v1}
+def _bind_tasks_v2(tx: Tx) -> None:
+    tx.execute("ALTER TABLE round_tasks ADD COLUMN nonce TEXT NOT NULL DEFAULT ''")
+    tx.execute("ALTER TABLE round_tasks ADD COLUMN base_digest TEXT NOT NULL DEFAULT ''")
+
+
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _bind_tasks_v2}
 
 
 def ensure_schema(

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import MalformedMessage, UnsupportedVersion
+from edge_agent.protocol.binding import optional_digest, optional_nonce, payload_digest
 from edge_agent.protocol.chunk_messages import (
     ACK_COMPLETE,
     ACK_OK,
@@ -138,6 +139,11 @@ class TaskMessage:
     codecs: tuple[str, ...] = ()
     #: largest CHUNK payload the server wants for the upload (0: the device's own default)
     max_chunk_bytes: int = 0
+    #: the task's nonce, echoed in its UPDATE (protocol.binding; "" from a server without binding)
+    nonce: str = ""
+    #: sha256 of the tensor-set payload this TASK arrived with: filled by :func:`decode_message`,
+    #: not a header field ("" on a TASK built in memory); the UPDATE's ``base_digest``
+    weights_digest: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +165,9 @@ class UpdateMessage:
     metrics: dict[str, float] = field(default_factory=dict)
     codec: str = "fp32"
     attempt: int = 1
+    #: the TASK's nonce and the sha256 of the TASK payload trained from (protocol.binding)
+    nonce: str = ""
+    base_digest: str = ""
     payload: bytes = b""
 
     @property
@@ -239,6 +248,8 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             header["codecs"] = list(message.codecs)
         if message.max_chunk_bytes:
             header["max_chunk_bytes"] = message.max_chunk_bytes
+        if message.nonce:
+            header["nonce"] = message.nonce
         return TASK, _base(message.device_id, message.round, message.task_id) | header, message.weights
     if isinstance(message, UpdateMessage):
         header = {
@@ -248,6 +259,10 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             "codec": message.codec,
             "attempt": message.attempt,
         }
+        if message.nonce:  # binding fields: omitted by (and for) peers that predate them
+            header["nonce"] = message.nonce
+        if message.base_digest:
+            header["base_digest"] = message.base_digest
         return UPDATE, _base(message.device_id, message.round, message.task_id) | header, None
     if isinstance(message, ChunkMessage):
         return CHUNK, _base(message.device_id, message.round, message.task_id) | chunk_header(message), None
@@ -321,6 +336,8 @@ def _decode_task(h: Header, payload: memoryview) -> TaskMessage:
         frozen=task_frozen(h),
         codecs=task_codecs(h),
         max_chunk_bytes=h.int_field("max_chunk_bytes", minimum=MIN_CHUNK_BYTES) if "max_chunk_bytes" in h.raw else 0,
+        nonce=optional_nonce(h),
+        weights_digest=payload_digest(payload),
     )
 
 
@@ -338,6 +355,8 @@ def _decode_update(h: Header, payload: memoryview) -> UpdateMessage:
         metrics={str(k): float(v) for k, v in metrics.items()},
         codec=h.token_field("codec"),
         attempt=h.int_field("attempt", minimum=1),
+        nonce=optional_nonce(h),
+        base_digest=optional_digest(h),
         payload=bytes(payload),
     )
 

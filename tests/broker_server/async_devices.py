@@ -73,6 +73,8 @@ class ScriptedDevice:
             codec="fp32",
             payload=encode_update(self.delta(task), CodecSpec("fp32"), rng=np.random.default_rng(0)),
             attempt=attempt,
+            nonce=task.nonce,  # update binding: echo the TASK's nonce and payload digest
+            base_digest=task.weights_digest,
         )
 
     def answer(self, task: TaskMessage, *, attempt: int = 1) -> None:

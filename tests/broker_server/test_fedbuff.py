@@ -141,10 +141,14 @@ def test_with_a_task_table_only_issued_tasks_at_their_version_are_accepted() -> 
     tasks = {"t1": IssuedTask(device_id="d1", model_version=0), "t2": IssuedTask(device_id="d2", model_version=1)}
     buf = buffer(task_of=tasks.get, version=1)
     assert isinstance(buf.offer(update("d1", "t1", version=0)), Accepted)
-    for bad in (update("d2", "t1", version=0), update("d1", "t9", version=0), update("d2", "t2", version=0)):
+    for bad, reason in (
+        (update("d2", "t1", version=0), "cross_device"),
+        (update("d1", "t9", version=0), "unknown_task"),
+        (update("d2", "t2", version=0), "wrong_base"),  # not the version the task was issued with
+    ):
         outcome = buf.offer(bad)
-        assert isinstance(outcome, Rejected) and outcome.reason == "unknown_task", bad
-        assert outcome.error_code == "contract_violation"
+        assert isinstance(outcome, Rejected) and outcome.reason == reason, bad
+        assert outcome.error_code == (reason if reason != "unknown_task" else "contract_violation")
 
 
 # -- sealing and versions -------------------------------------------------------------------------
@@ -203,7 +207,7 @@ def test_with_a_task_table_keys_outside_the_staleness_window_are_forgotten_yet_s
     assert buf._seen.keys() == {("d2", "t2")}
     for replay in (update("d1", "t1", version=0), update("d1", "t1", version=2)):
         outcome = buf.offer(replay)
-        assert isinstance(outcome, Rejected) and outcome.reason in ("stale", "unknown_task")
+        assert isinstance(outcome, Rejected) and outcome.reason in ("stale", "wrong_base")
 
 
 def test_without_a_task_table_keys_are_remembered_up_to_capacity() -> None:
@@ -211,9 +215,9 @@ def test_without_a_task_table_keys_are_remembered_up_to_capacity() -> None:
     for i in range(3):
         assert isinstance(buf.offer(update(f"d{i}", f"t{i}", version=i)), Accepted)
     assert list(buf._seen) == [("d1", "t1"), ("d2", "t2")]
-    # a replay under a fresher version is still caught while remembered
+    # a replay under a fresher version is still caught while remembered (its buffer was sealed)
     replay = buf.offer(update("d1", "t1", version=3))
-    assert isinstance(replay, Rejected) and replay.reason == "duplicate"
+    assert isinstance(replay, Rejected) and replay.reason == "replayed"
 
 
 # -- concurrency ----------------------------------------------------------------------------------

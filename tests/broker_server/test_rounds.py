@@ -52,7 +52,7 @@ def test_metrics_are_example_weighted() -> None:
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
-        (update(task="nope"), "unknown task"),
+        (update(task="nope"), "not a task of round 1"),
         (update(device="d2"), "issued to 'd1'"),
         (update(round=2), "round 2"),
         (update(model_version=5), "v5"),

@@ -82,6 +82,8 @@ class ScriptedDevice(FakeDevice):
             codec="fp32",
             payload=encode_update(delta, CodecSpec("fp32"), rng=np.random.default_rng(0)),
             attempt=self.answered.count(task.task_id),
+            nonce=task.nonce,  # update binding: echo the TASK's nonce and payload digest
+            base_digest=task.weights_digest,
         )
         self._transport.publish(self.topics.results(self.device_id), encode_message(update))
 

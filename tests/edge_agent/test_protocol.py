@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
@@ -158,6 +159,8 @@ def test_message_round_trip(message) -> None:
             assert list(got) == list(value)
             for name in value:
                 np.testing.assert_array_equal(got[name], value[name])
+        elif field == "weights_digest":  # derived on decode: sha256 of the TASK payload as received
+            assert got == hashlib.sha256(encode_message(message)[-len(encode_tensors(message.weights)) :]).hexdigest()
         else:
             assert got == value, field
 

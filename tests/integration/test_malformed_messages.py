@@ -63,14 +63,16 @@ def bad_updates(task: TaskMessage, good: UpdateMessage, zeros: dict[str, np.ndar
         ("malformed_message", valid[: len(valid) // 2]),
         ("unsupported_version", valid[:4] + bytes([9]) + valid[5:]),
         ("malformed_message", valid[:8] + struct.pack("<I", 10**6) + valid[12:]),
-        ("protocol_error", variant(device_id="somebody-else")),
+        ("cross_device", variant(device_id="somebody-else")),
         ("contract_violation", variant(payload=wrong_shape)),
         (NAN_CODE, variant(payload=nan)),
         ("malformed_message", variant(payload=good.payload[: len(good.payload) // 2])),
         ("unsupported_version", variant(payload=bytes(unknown_codec))),
         ("contract_violation", variant(codec="sign", payload=_payload(zeros, "sign"))),  # not offered
-        ("contract_violation", variant(task_id="invented")),
-        ("contract_violation", variant(round=task.round + 7)),
+        ("cross_round", variant(task_id="invented")),
+        ("bad_nonce", variant(nonce="f" * 32)),
+        ("wrong_base", variant(base_digest="0" * 64)),
+        ("cross_round", variant(round=task.round + 7)),
     ]
 
 
@@ -97,6 +99,8 @@ def rogue_device(url: str, bundle, stop: threading.Event, sent: list[str]) -> No
                 task_id=task.task_id,
                 model_version=task.model_version,
                 num_examples=10,
+                nonce=task.nonce,
+                base_digest=task.weights_digest,
                 payload=_payload(zeros),
             )
             for code, payload in bad_updates(task, good, zeros):
@@ -162,7 +166,9 @@ def test_server_survives_bad_messages_and_keeps_accepted_updates(mosquitto, digi
             NAN_PHRASE,
             "not offered",
             "unknown codec id 200",
-            "unknown task",
+            "not a task of round",
+            "another task's nonce",
+            "trained from weights",
             "round",
         ):
             assert phrase in reasons, (phrase, reasons)

@@ -268,11 +268,11 @@ def test_a_failed_migration_leaves_the_old_schema(store: SqlServerStore) -> None
     def add_table(tx: Tx) -> None:
         tx.execute("CREATE TABLE audit (id BIGINT PRIMARY KEY)")
         tx.execute("INSERT INTO audit (id) VALUES (1)")
-        raise RuntimeError("step 1 broke half-way")
+        raise RuntimeError("the next step broke half-way")
 
     store.put_setting("kept", True)
     with pytest.raises(RuntimeError, match="half-way"), store._transaction("migrate", write=True) as tx:
-        ensure_schema(tx, store.where, migrations={**MIGRATIONS, 1: add_table}, target=2)
+        ensure_schema(tx, store.where, migrations={**MIGRATIONS, SCHEMA_VERSION: add_table}, target=SCHEMA_VERSION + 1)
     assert store.schema_version() == SCHEMA_VERSION
     with store._transaction("list tables", write=False) as tx:
         tables = {str(row[0]) for row in tx.execute(store.dialect.list_tables).fetchall()}
