@@ -26,10 +26,15 @@ answered only for each device's target version (others get the same ERROR as an 
 version), :meth:`ModelPublisher.observe` folds STATUS reports in and :meth:`ModelPublisher.tick`
 lets soak time count (the dispatcher calls both). A plain :meth:`ModelPublisher.announce` on the
 channel is refused while a rollout is active or halted, and ends a finished one.
+
+With a ``signer`` (``[ota] signing_key``, :class:`broker_server.pki.release_signer.ReleaseSigner`)
+every MODEL it publishes — channel announcements and directed MODELs — carries a signed release
+statement (issue #7, docs/protocol.md §8.5); devices with trusted keys refuse unsigned ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -47,12 +52,15 @@ from edge_agent.errors import ConfigError, ContractViolation, ProtocolError, Tra
 from edge_agent.ota.archive import pack_bundle
 from edge_agent.protocol.manifest import load_manifest
 from edge_agent.protocol.messages import MIN_CHUNK_BYTES, ErrorMessage, StatusMessage, encode_message
-from edge_agent.protocol.model_messages import FetchMessage, ModelMessage, model_object_id
+from edge_agent.protocol.model_messages import ROLLOUT_ID_PATTERN, FetchMessage, ModelMessage, model_object_id
 from edge_agent.protocol.topics import Topics
 from edge_agent.transfer import DONE, SENDING, TransferLink
 from edge_agent.transport.base import Transport
 
-__all__ = ["ModelPublisher", "Release"]
+__all__ = ["ModelPublisher", "Release", "SignRelease"]
+
+#: stamps and signs a MODEL (``ReleaseSigner.sign``)
+SignRelease = Callable[[ModelMessage], ModelMessage]
 
 log = logging.getLogger("fedflock.server.models")
 
@@ -90,13 +98,16 @@ class ModelPublisher:
         rollout: RolloutSettings | None = None,
         store: ServerStore | None = None,
         clock: Callable[[], float] = time.time,
+        signer: SignRelease | None = None,
     ) -> None:
         """``rollout``: staged rollouts on ``rollout.channel`` (None: every device gets the announced
-        version); ``store`` keeps the rollout across restarts; ``clock`` is wall time (soak)."""
+        version); ``store`` keeps the rollout across restarts; ``clock`` is wall time (soak);
+        ``signer`` signs every MODEL published (None: unsigned)."""
         if max_chunk_bytes < MIN_CHUNK_BYTES or keep < 1 or max_transfers < 1:
             raise ConfigError(f"need max_chunk_bytes >= {MIN_CHUNK_BYTES}, keep >= 1 and max_transfers >= 1")
         self.topics = topics
         self.max_chunk_bytes, self.keep, self.max_transfers = max_chunk_bytes, keep, max_transfers
+        self.signer = signer
         #: fetches served, replaced, refused (metrics)
         self.counters: Counter[str] = Counter()
         self._releases: dict[int, Release] = {}
@@ -109,6 +120,13 @@ class ModelPublisher:
             self.rollout = RolloutController(
                 rollout, topics, self, clock=clock, store=store, on_complete=self._completed
             )
+
+    def sign_with(self, signer: SignRelease | None) -> None:
+        """Sign every MODEL published from now on (set before the server starts)."""
+        self.signer = signer
+
+    def _signed(self, message: ModelMessage) -> ModelMessage:
+        return self.signer(message) if self.signer is not None else message
 
     def add(self, version: int, bundle_dir: str | Path) -> Release:
         """Pack ``bundle_dir`` as ``version`` (files are verified against the manifest first)."""
@@ -150,7 +168,7 @@ class ModelPublisher:
         release = self.add(version, bundle_dir) if bundle_dir is not None else self._releases.get(version)
         if release is None:
             raise ConfigError(f"model version {version} is not held; give its bundle directory")
-        message = release.announcement(channel, signature)
+        message = self._signed(release.announcement(channel, signature))
         transport.publish(topic, encode_message(message), qos=1, retain=True)
         self._channels[channel] = version
         self._prune()
@@ -169,9 +187,12 @@ class ModelPublisher:
         release = self._releases.get(version)
         return release.bundle_digest if release is not None else None
 
-    def announcement_of(self, version: int, channel: str) -> ModelMessage | None:
+    def announcement_of(self, version: int, channel: str, rollout_id: str = "") -> ModelMessage | None:
+        """The MODEL for ``version`` on ``channel`` (a device id: directed), signed when there is a signer."""
         release = self._releases.get(version)
-        return release.announcement(channel) if release is not None else None
+        if release is None:
+            return None
+        return self._signed(dataclasses.replace(release.announcement(channel), rollout_id=rollout_id))
 
     # -- staged rollout ----------------------------------------------------------------------------
 
@@ -187,6 +208,8 @@ class ModelPublisher:
         """Move the rollout channel's devices from ``baseline`` (default: the version announced
         there) to ``version`` in the configured stages; the channel keeps announcing the baseline."""
         controller = self._controller()
+        if not ROLLOUT_ID_PATTERN.match(rollout_id):  # it travels in (and is signed with) directed MODELs
+            raise ConfigError(f"rollout id {rollout_id[:40]!r}: printable ASCII without spaces, at most 128")
         if bundle_dir is not None:
             self.add(version, bundle_dir)
         baseline = baseline if baseline is not None else self._channels.get(controller.channel)

@@ -57,7 +57,7 @@ TICK_S = 1.0
 class Releases(Protocol):
     """What the controller needs of its publisher."""
 
-    def announcement_of(self, version: int, channel: str) -> ModelMessage | None: ...
+    def announcement_of(self, version: int, channel: str, rollout_id: str = "") -> ModelMessage | None: ...
 
     def digest_of(self, version: int) -> str | None: ...
 
@@ -130,9 +130,10 @@ class RolloutController:
 
     def retire(self, transport: Transport, version: int) -> None:
         """A plain announcement of ``version`` ends the rollout: directed devices follow it too."""
+        rollout_id = self.state.plan.rollout_id if self.state is not None else ""
         self.state = None
         for device_id in list(self._directed):
-            self._direct(transport, device_id, version)
+            self._direct(transport, device_id, version, rollout_id)
         self._save()
 
     @property
@@ -252,8 +253,11 @@ class RolloutController:
         if differs or wrong_bundle or device_id in self._directed:
             self._direct(transport, device_id, target)
 
-    def _direct(self, transport: Transport, device_id: str, version: int) -> None:
-        model = self._releases.announcement_of(version, device_id)
+    def _direct(self, transport: Transport, device_id: str, version: int, rollout_id: str | None = None) -> None:
+        if rollout_id is None:
+            rollout_id = self.state.plan.rollout_id if self.state is not None else ""
+        # signed (with a signer) and stamped: the statement names the device, the version and the rollout
+        model = self._releases.announcement_of(version, device_id, rollout_id)
         if model is None:
             log.error("cannot direct %s to v%d: the version is not held", device_id, version)
             return

@@ -7,6 +7,7 @@ and :class:`~model_export.federated.FederatedSpec` (imported lazily: only ``expo
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ConfigError
@@ -50,6 +51,13 @@ def add_export_options(exp: argparse.ArgumentParser) -> None:
         "--personal", action="append", default=[], metavar="PATTERN", help="personal tensors (name or glob)"
     )
     fed.add_argument("--micro-batch", type=int, default=None, help="add accumulation graphs; default micro-batch")
+    exp.add_argument(
+        "--sign-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="sign the bundle's manifest with this ed25519 key (fedflock pki signing-key; docs/security.md)",
+    )
 
 
 def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +103,12 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     federated = FederatedSpec(
         fedprox_mu=args.fedprox_mu, trainable_masks=args.trainable_masks, personal=tuple(args.personal)
     )
-    return {"loss": loss, "optimizer": optimizer, "federated": federated, "micro_batch": args.micro_batch}
+    kwargs: dict[str, Any] = {"loss": loss, "optimizer": optimizer, "federated": federated}
+    if args.sign_key is not None:
+        from edge_agent.crypto.signing import SigningKey, bundle_signer
+
+        kwargs["signer"] = bundle_signer(SigningKey.load(args.sign_key))
+    return kwargs | {"micro_batch": args.micro_batch}
 
 
 def _one_or_many(values: tuple[float, ...] | None) -> float | tuple[float, ...] | None:

@@ -80,6 +80,12 @@ def add_pki_arguments(pki: argparse.ArgumentParser) -> None:
     serve.add_argument("--password-file", type=Path, default=None, help="allow password enrollment into this file")
     serve.add_argument("--mqtt-url", default=None, help="the broker URL devices are told to use")
     sub.add_parser("list", help="the certificates issued, revoked, and tokens pending")
+    signing = sub.add_parser("signing-key", help="an Ed25519 key pair that signs bundles and MODELs")
+    signing.add_argument("--name", default="release", help="files DIR/signing/NAME.key (0600) and NAME.pub")
+    signing.add_argument("--force", action="store_true", help="replace an existing key pair")
+    sign = sub.add_parser("sign-bundle", help="write BUNDLE/manifest.sig (files checked against the manifest)")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the private key (fedflock pki signing-key)")
     for parser in sub.choices.values():
         _common(parser)
     for name in ("revoke", "crl", "passwd", "enroll-server"):
@@ -269,6 +275,28 @@ def _list(store: PkiStore, args: argparse.Namespace) -> int:
     return 0
 
 
+def _signing_key(store: PkiStore, args: argparse.Namespace) -> int:
+    from edge_agent.crypto.signing import SigningKey, write_key_pair
+    from edge_agent.protocol.topics import validate_device_id
+
+    name = validate_device_id(args.name)  # a plain file name
+    private, public = store.root / "signing" / f"{name}.key", store.root / "signing" / f"{name}.pub"
+    key = SigningKey.generate()
+    write_key_pair(key, private, public, overwrite=args.force)
+    print(f"{private} (0600: give it to the server's [ota] signing_key or `pki sign-bundle --key`)")
+    print(f"{public}: add to each device's [ota] trusted_keys:\n{key.public_key.hex()}  (key id {key.key_id})")
+    return 0
+
+
+def _sign_bundle(store: PkiStore, args: argparse.Namespace) -> int:
+    from edge_agent.crypto.signing import SigningKey, sign_bundle
+
+    key = SigningKey.load(args.key, source="--key")
+    path = sign_bundle(args.bundle, key)
+    print(f"{path} written: bundle signed by key {key.key_id}")
+    return 0
+
+
 def _signal_reload(pid: int | None) -> None:
     """SIGHUP Mosquitto: it re-reads the password file, the ACL and the CRL (verified with 2.0.11)."""
     if pid is None:
@@ -293,4 +321,6 @@ _HANDLERS: dict[str, Callable[..., int]] = {
     "token": _token,
     "enroll-server": _enroll_server,
     "list": _list,
+    "signing-key": _signing_key,
+    "sign-bundle": _sign_bundle,
 }

@@ -77,9 +77,10 @@ from model_export.verify import check_against_eager, example_input, explain_fail
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.fft"
-#: Written when ``export_bundle(signer=...)`` is given; verification arrives with issue #7.
+#: Written when ``export_bundle(signer=...)`` is given; devices with trusted keys verify it (issue #7).
 SIGNATURE_FILE = "manifest.sig"
-#: Signs the manifest bytes (e.g. an ed25519 private key's ``sign``); returns the signature.
+#: manifest.json bytes -> the ``manifest.sig`` content: use
+#: ``edge_agent.crypto.signing.bundle_signer(SigningKey.load(path))`` (docs/protocol.md §8.5)
 Signer = Callable[[bytes], bytes]
 __all__ = ["INFERENCE_FILE", "OUTPUT_PREFIX", "TRAIN_FILE", "WEIGHTS_FILE", "export_bundle", "load_factory"]
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
@@ -128,7 +129,7 @@ def export_bundle(
     ``apply`` graphs for gradient accumulation and is the default micro-batch size.
     ``precision="fp16"`` computes the train step in fp16 with fp32 master tensors and a dynamic
     loss scale (:mod:`model_export.precision`); not combinable with ``micro_batch`` yet.
-    ``signer`` (manifest bytes -> signature) writes ``manifest.sig`` next to the manifest.
+    ``signer`` (manifest bytes -> ``manifest.sig`` content, e.g. ``bundle_signer(key)``) signs the bundle.
     Raises :class:`ExportError` for unsupported losses, optimizers, layers or a failed export.
     """
     resolved = resolve_loss(loss, num_classes)

@@ -10,6 +10,7 @@ Layout (``fedflock pki --dir DIR``; docs/security.md)::
     DIR/clients/<name>/          client certificates made here: <name>.crt, <name>.key, ca.crt
     DIR/tokens.json              enrollment tokens (only their SHA-256; ``tokens.py``)
     DIR/denied.txt               revoked names, one a line: the generated ACL denies them everything
+    DIR/signing/<name>.key|.pub  Ed25519 release signing keys (``fedflock pki signing-key``; key 0600)
 
 Every write is atomic (``files.atomic_write``) and read-modify-write of ``index.json`` happens
 under an exclusive ``flock`` on ``DIR/.lock``, so the CLI and the enrollment server can run at

@@ -15,6 +15,8 @@ class InstalledModel:
     digest: str
     path: Path
     installed_at: float
+    #: ``issued_at`` of the signed release statement it was installed with (0: none; edge_agent.ota.authority)
+    issued_at: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     current.json                    {"format": 1, "current": record | null, "previous": record | null}
-                                    record: {"version", "digest", "installed_at"}
+                                    record: {"version", "digest", "installed_at"[, "issued_at"]}
     versions/<version>-<digest12>/  an unpacked, verified bundle (current and previous only)
     staging/                        installs in progress and directories being deleted
 
@@ -14,7 +14,8 @@ downgrade  ``version <= current`` is refused unless ``allow_downgrade`` (checked
 unpack     :func:`~edge_agent.ota.archive.unpack_bundle` into ``staging/``
 verify     :meth:`Bundle.open` checks every file's sha256; files the manifest does not list fail
 digest     the manifest's sha256 must equal ``expected_digest`` (what the server announced)
-signature  the ``verify`` hook; ``None`` skips it (until issue #7 adds keys: integrity, not authenticity)
+signature  the ``verify`` hook (the agent's: ``manifest.sig`` by a trusted key, edge_agent.crypto.trust);
+           ``None`` (no trusted keys configured) skips it: integrity, not authenticity
 validate   ``validate(bundle)`` (the agent runs one evaluation batch): a :class:`FedflockError`
            or a non-finite loss fails; its metrics go into the report (:mod:`.validation`)
 activate   rename into ``versions/``, replace ``current.json`` (previous := old current), prune
@@ -69,6 +70,7 @@ class _Request:
     verify: Verify | None
     allow_downgrade: bool
     after: Callable[[str], None]
+    issued_at: int = 0
 
 
 class _InstallFailed(Exception):
@@ -149,9 +151,12 @@ class ModelStore:
         validate: Validate,
         verify: Verify | None = None,
         allow_downgrade: bool = False,
+        issued_at: int = 0,
         _after_step: Callable[[str], None] | None = None,
     ) -> InstallReport:
         """Install ``archive`` (tar bytes, or a file holding them) as ``version``.
+
+        ``issued_at`` (the signed release statement's, 0: none) is recorded with the model.
 
         A bad archive or model never raises: the report says ``ok=False`` and the stage, and
         the current model is untouched. Reinstalling the current version and digest is a no-op
@@ -165,7 +170,7 @@ class ModelStore:
         if self._current is not None and (self._current.version, self._current.digest) == (version, expected_digest):
             return self._report(True, version, "done", "already installed", digest=expected_digest)
         after = _after_step or (lambda _step: None)
-        request = _Request(version, expected_digest, validate, verify, allow_downgrade, after)
+        request = _Request(version, expected_digest, validate, verify, allow_downgrade, after, issued_at)
         staging = self._staging / f"{version}-{uuid.uuid4().hex[:12]}"
         try:
             return self._install(request, archive, staging)
@@ -242,7 +247,9 @@ class ModelStore:
         bundle, metrics = self._check_bundle(request, staging)
         request.after("validated")
         path = self._versions / f"{version}-{bundle.digest[:12]}"
-        model = InstalledModel(version=version, digest=bundle.digest, path=path, installed_at=self.clock())
+        model = InstalledModel(
+            version=version, digest=bundle.digest, path=path, installed_at=self.clock(), issued_at=request.issued_at
+        )
         with _stage("activate"):
             self._activate(staging, model, request.after)
         self._prune()
@@ -308,11 +315,16 @@ class ModelStore:
         if not isinstance(version, int) or isinstance(version, bool) or not _DIGEST.match(digest):
             return None
         path = self._versions / f"{version}-{digest[:12]}"
-        return InstalledModel(version=version, digest=digest, path=path, installed_at=stamp)
+        issued = raw.get("issued_at", 0)
+        issued = issued if isinstance(issued, int) and not isinstance(issued, bool) and issued > 0 else 0
+        return InstalledModel(version=version, digest=digest, path=path, installed_at=stamp, issued_at=issued)
 
     def _write_pointer(self, current: InstalledModel | None, previous: InstalledModel | None, **options: Any) -> None:
         def record(m: InstalledModel | None) -> dict[str, Any] | None:
-            return None if m is None else {"version": m.version, "digest": m.digest, "installed_at": m.installed_at}
+            if m is None:
+                return None
+            fields = {"version": m.version, "digest": m.digest, "installed_at": m.installed_at}
+            return fields | ({"issued_at": m.issued_at} if m.issued_at else {})
 
         value = {"format": POINTER_FORMAT, "current": record(current), "previous": record(previous)}
         disk.write_json_atomic(self._pointer, value, **options)

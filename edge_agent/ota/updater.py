@@ -32,7 +32,9 @@ Flow and decisions (docs/protocol.md §8.5):
   A rollback refuses the rolled-back version too (the retained announcement would re-install it).
 * A successful install's report carries the validation metrics of the new model and of the one
   it replaced, measured on the same rows (:mod:`.validation`).
-* ``signature`` is ignored until issue #7 (integrity, not authenticity).
+* With ``config.trusted_keys`` (issue #7) a MODEL must pass :mod:`.release_gate` first (signature,
+  replay, downgrade); a refused one changes nothing and :meth:`~ModelUpdater.handle` may return its
+  report. A bad ``manifest.sig`` gives the archive up until restart (it may come back re-signed).
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from edge_agent.errors import (
     StorageError,
 )
 from edge_agent.ota import staging as disk
+from edge_agent.ota.authority import ReleaseAuthority
 from edge_agent.ota.refusals import REFUSED_FILE, RefusedModels
+from edge_agent.ota.release_gate import ReleaseGate
 from edge_agent.ota.reports import InstallReport
 from edge_agent.ota.staging import DownloadStaging
 from edge_agent.ota.store import ModelStore
@@ -115,6 +119,9 @@ class ModelUpdater:
         self._refused = RefusedModels(staging.root, device_id)  # read on first use (no I/O here)
         self._channel_model: ModelMessage | None = None  # the channel's latest announcement
         self._directed: ModelMessage | None = None  # the server's word for this device (inbox)
+        self._gate = ReleaseGate(self.config.trusted_keys, ReleaseAuthority(staging.root, device_id))
+        self._bad_signatures: set[str] = set()  # archive sha256s whose bundle signature failed
+        self._new_refusal: InstallReport | None = None  # set by announced(), returned by handle()
         if self.config.channel == device_id:
             raise ConfigError(f"model channel {device_id!r} is reserved for MODELs directed at that device")
 
@@ -145,7 +152,8 @@ class ModelUpdater:
         """Dispatch a message :meth:`accepts`; returns (envelope to publish, install report)."""
         if isinstance(message, ModelMessage):
             self.announced(message)
-            return None, None
+            report, self._new_refusal = self._new_refusal, None
+            return None, report
         if isinstance(message, ChunkMessage):
             return self.on_chunk(message, may_download=may_download)
         if isinstance(message, ErrorMessage):
@@ -160,16 +168,22 @@ class ModelUpdater:
         device, retained on its inbox): it overrides the channel's announcements and may name an
         older version (a server-ordered rollback). A channel announcement only upgrades.
         """
-        if model.channel == self.device_id:
+        directed = model.channel == self.device_id
+        if not directed and model.channel != self.config.channel:
+            _log.info("%s: ignoring model v%d: channel %r is not ours", self.device_id, model.version, model.channel)
+            return False
+        refusal = self._gate.refusal(model, directed=directed, installed=self.store.current())
+        if refusal is not None:
+            self._new_refusal = self._gate.refused(model, refusal, device_id=self.device_id, at=self.store.clock())
+            return False
+        self._gate.accept(model, directed=directed)
+        if directed:
             self._directed = model
-        elif model.channel == self.config.channel:
+        else:
             self._channel_model = model
             if self._directed is not None:
                 _log.info("%s: model v%d of the channel: a directed target overrides it", self.device_id, model.version)
                 return False
-        else:
-            _log.info("%s: ignoring model v%d: channel %r is not ours", self.device_id, model.version, model.channel)
-            return False
         why_not = self._why_not(model, directed=model is self._directed)
         if why_not is not None:
             _log.info("%s: ignoring model v%d: %s", self.device_id, model.version, why_not)
@@ -190,6 +204,8 @@ class ModelUpdater:
             return f"version {current.version} ({current.digest[:12]}) is installed"
         if key in self._given_up or key in self._refused:
             return "it was refused before"
+        if model.archive_sha256 in self._bad_signatures:
+            return "its bundle signature failed before (until restart)"
         if model.archive_size > (limit := min(self.config.max_archive_bytes, self.staging.max_bytes)):
             return f"its archive of {model.archive_size} bytes exceeds the limit of {limit}"
         return None
@@ -302,7 +318,9 @@ class ModelUpdater:
             path,
             expected_digest=model.bundle_digest,
             validate=self._validate,
+            verify=self._gate.verify_bundle,
             allow_downgrade=model.channel == self.device_id,
+            issued_at=model.issued_at,
         )
         try:
             self.staging.discard(object_id)
@@ -312,7 +330,9 @@ class ModelUpdater:
             self._pending, self._installed = None, (object_id, model.archive_sha256)
             return replace(report, previous_metrics=self._previous_metrics())
         transient = report.code == StorageError.code
-        if not transient:
+        if report.stage == "signature":  # not for good: it may come back signed by a trusted key
+            self._bad_signatures.add(model.archive_sha256)
+        elif not transient:
             self._refused.add((model.version, model.bundle_digest))
         self._pending_failed(model, transient)
         return report

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from edge_agent.crypto.trust import TrustedKeys
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.messages import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
@@ -25,6 +26,9 @@ class UpdaterConfig:
     max_backoff_s: float = 600.0
     #: downloads of one announcement failing verification before it is given up (until restart)
     max_attempts: int = 3
+    #: Ed25519 keys whose signatures this device accepts on MODELs and bundles (issue #7); empty:
+    #: nothing is authenticated (integrity only)
+    trusted_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys(()))
 
     def __post_init__(self) -> None:
         if not DEVICE_ID_PATTERN.match(self.channel):

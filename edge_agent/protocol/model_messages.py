@@ -8,7 +8,14 @@ MODEL, server -> every device, **retained** on ``{prefix}/models/{channel}``, Qo
     bundle_digest   64 hex: sha256 of the bundle's manifest.json (ModelStore checks it on install)
     archive_sha256  64 hex: sha256 of the archive bytes (edge_agent.ota.pack_bundle) sent on FETCH
     archive_size    integer >= 1: their length (a device refuses what exceeds its limit *before* fetching)
-    signature       optional hex string: reserved for issue #7; devices ignore it for now
+    issued_at       optional integer >= 0: when the server signed it, Unix milliseconds (0/omitted: unsigned)
+    rollout_id      optional string (printable ASCII, no spaces, <= 128): the staged rollout of a directed MODEL
+    signing_key     optional 64 hex: the Ed25519 public key that made ``signature``
+    signature       optional hex: Ed25519 signature (128 hex) of :func:`release_statement` (issue #7)
+
+The signed *release statement* (:func:`release_statement`) covers every field above but the
+signature itself, domain-separated (docs/protocol.md §8.5 gives the exact bytes); a bundle's
+``manifest.sig`` is the line :func:`bundle_signature_line` over :func:`bundle_signed_bytes`.
 
 FETCH, device -> server on the device's ``results`` topic, QoS 1, no payload::
 
@@ -29,24 +36,31 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import MalformedMessage
+from edge_agent.errors import ContractViolation, MalformedMessage
 from edge_agent.protocol.chunk_messages import SHA256_PATTERN, ChunkAck, ChunkMessage, no_payload
 from edge_agent.protocol.header import Header
 from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import DEVICE_ID_PATTERN
 
 __all__ = [
+    "BUNDLE_CONTEXT",
     "FETCH",
     "MAX_SIGNATURE_CHARS",
     "MODEL",
+    "RELEASE_CONTEXT",
+    "ROLLOUT_ID_PATTERN",
     "FetchMessage",
     "ModelMessage",
+    "bundle_signature_line",
+    "bundle_signed_bytes",
     "decode_fetch",
     "decode_model",
     "is_model_transfer",
     "model_header",
     "model_object_id",
     "model_object_version",
+    "parse_bundle_signature",
+    "release_statement",
 ]
 
 MODEL, FETCH = 7, 8
@@ -54,6 +68,14 @@ MODEL, FETCH = 7, 8
 MAX_SIGNATURE_CHARS = 1024
 _SIGNATURE = re.compile(r"^(?:[0-9a-f]{2})*$")
 _OBJECT_ID = re.compile(r"^model-v([1-9][0-9]{0,17})$")
+#: a MODEL's ``rollout_id``: printable ASCII without spaces, at most 128 characters
+ROLLOUT_ID_PATTERN = re.compile(r"^[\x21-\x7e]{0,128}$")
+_KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SIG_HEX = re.compile(r"^[0-9a-f]{128}$")
+#: first line of a release statement (domain separation: no other signed fedflock text starts so)
+RELEASE_CONTEXT = "fedflock release statement v1"
+#: prefix of the bytes a bundle signature covers, followed by the manifest.json bytes
+BUNDLE_CONTEXT = b"fedflock bundle manifest v1\n"
 
 
 def model_object_id(version: int) -> str:
@@ -85,7 +107,13 @@ class ModelMessage:
     bundle_digest: str
     archive_sha256: str
     archive_size: int
-    #: hex; not verified yet (issue #7): integrity comes from the digests, not authenticity
+    #: Unix milliseconds when the server signed the statement (0: unsigned); orders a device's statements
+    issued_at: int = 0
+    #: the staged rollout a directed MODEL belongs to ("" on channel announcements)
+    rollout_id: str = ""
+    #: the Ed25519 public key (64 hex) that made ``signature`` ("" when unsigned)
+    signing_key: str = ""
+    #: Ed25519 signature (128 hex) of :func:`release_statement` ("" when unsigned)
     signature: str = ""
 
     # A broadcast names no device, round or task; fixed so that no MODEL can be built with others.
@@ -132,8 +160,13 @@ def model_header(message: ModelMessage | FetchMessage) -> tuple[int, dict[str, A
         "archive_sha256": message.archive_sha256,
         "archive_size": message.archive_size,
     }
-    if message.signature:  # optional: omitted when empty
-        header["signature"] = message.signature
+    optional = {
+        "issued_at": message.issued_at,
+        "rollout_id": message.rollout_id,
+        "signing_key": message.signing_key,
+        "signature": message.signature,
+    }
+    header.update({key: value for key, value in optional.items() if value})  # omitted when empty/0
     return MODEL, header
 
 
@@ -148,11 +181,60 @@ def decode_model(h: Header, payload: memoryview) -> ModelMessage:
         bundle_digest=_sha256(h, "bundle_digest"),
         archive_sha256=_sha256(h, "archive_sha256"),
         archive_size=h.int_field("archive_size", minimum=1),
+        issued_at=h.int_field("issued_at", minimum=0) if "issued_at" in h.raw else 0,
+        rollout_id=h.str_field("rollout_id") if "rollout_id" in h.raw else "",
+        signing_key=h.str_field("signing_key") if "signing_key" in h.raw else "",
         signature=h.str_field("signature") if "signature" in h.raw else "",
     )
     if len(message.signature) > MAX_SIGNATURE_CHARS or not _SIGNATURE.match(message.signature):
         raise MalformedMessage(f"MODEL field 'signature' is not lowercase hex of at most {MAX_SIGNATURE_CHARS} digits")
+    if message.signing_key and not _KEY_HEX.match(message.signing_key):
+        raise MalformedMessage("MODEL field 'signing_key' is not 64 lowercase hex digits")
+    if not ROLLOUT_ID_PATTERN.match(message.rollout_id):
+        raise MalformedMessage("MODEL field 'rollout_id' is not printable ASCII without spaces (<= 128)")
     return message
+
+
+def release_statement(message: ModelMessage) -> bytes:
+    """The exact bytes a MODEL's ``signature`` signs (docs/protocol.md §8.5): ASCII lines, each ending in LF.
+
+    ``RELEASE_CONTEXT``, then ``key=value`` for channel, version, bundle_digest, archive_sha256,
+    archive_size, rollout_id, issued_at, in this order; integers in decimal without leading zeros.
+    """
+    if not ROLLOUT_ID_PATTERN.match(message.rollout_id):
+        raise ContractViolation(f"rollout id {message.rollout_id[:40]!r} cannot be signed: printable ASCII, no spaces")
+    lines = (
+        RELEASE_CONTEXT,
+        f"channel={message.channel}",
+        f"version={message.version}",
+        f"bundle_digest={message.bundle_digest}",
+        f"archive_sha256={message.archive_sha256}",
+        f"archive_size={message.archive_size}",
+        f"rollout_id={message.rollout_id}",
+        f"issued_at={message.issued_at}",
+    )
+    return "".join(f"{line}\n" for line in lines).encode("ascii")
+
+
+def bundle_signed_bytes(manifest_bytes: bytes) -> bytes:
+    """What a bundle signature signs: :data:`BUNDLE_CONTEXT` followed by the manifest.json bytes."""
+    return BUNDLE_CONTEXT + manifest_bytes
+
+
+def bundle_signature_line(public_key: bytes, signature: bytes) -> bytes:
+    """The content of ``manifest.sig``: ``ed25519 <public key hex> <signature hex>`` and LF."""
+    return f"ed25519 {public_key.hex()} {signature.hex()}\n".encode("ascii")
+
+
+def parse_bundle_signature(data: bytes) -> tuple[bytes, bytes]:
+    """(public key, signature) from ``manifest.sig`` bytes; :class:`MalformedMessage` if it is not that line."""
+    try:
+        scheme, key, signature = data.decode("ascii").removesuffix("\n").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedMessage("manifest.sig is not one line 'ed25519 <key hex> <signature hex>'") from None
+    if scheme != "ed25519" or not _KEY_HEX.match(key) or not _SIG_HEX.match(signature):
+        raise MalformedMessage("manifest.sig is not one line 'ed25519 <64 hex key> <128 hex signature>'")
+    return bytes.fromhex(key), bytes.fromhex(signature)
 
 
 def decode_fetch(h: Header, payload: memoryview) -> FetchMessage:

@@ -31,6 +31,7 @@ from edge_agent.device.state import NetworkState
 from edge_agent.ota import DownloadStaging, ModelStore, ModelUpdater, UpdaterConfig, pack_bundle
 from edge_agent.ota.store import Validate
 from edge_agent.ota.updater import REFUSED_FILE
+from edge_agent.ota.validation import evaluation_validator
 from edge_agent.presence import offline_will, online_birth
 from edge_agent.protocol.messages import (
     ACK_COMPLETE,
@@ -54,7 +55,6 @@ from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.transfer import TransferLink
 from edge_agent.transport.base import InboundMessage, Transport
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from fedflock.agent_cli import validator
 from tests.edge_agent.ota import derive_bundle, release
 from tests.fixtures import digits_split
 
@@ -195,7 +195,7 @@ class Rig:
         self.agent.start()
 
     def validate(self) -> Validate:
-        return validator(self.data.x, self.data.y)
+        return evaluation_validator(self.data.x, self.data.y)
 
     def pump(self, steps: int = 40) -> None:
         """Server and agent take turns: the server answers FETCHes and acks, the agent handles

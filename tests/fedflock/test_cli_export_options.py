@@ -65,3 +65,29 @@ def test_bad_numbers_are_refused_by_the_parser(capsys) -> None:
     assert "comma-separated" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse("--input-dtype", "float64")
+
+
+def test_sign_key_gives_a_signer_whose_signature_the_device_trusts(tmp_path) -> None:
+    from edge_agent.crypto.signing import SigningKey, write_key_pair
+    from edge_agent.crypto.trust import TrustedKeys
+    from edge_agent.errors import FedflockError
+
+    key = SigningKey.generate()
+    write_key_pair(key, tmp_path / "release.key", tmp_path / "release.pub")
+    signer = export_kwargs(parse("--sign-key", str(tmp_path / "release.key")))["signer"]
+    manifest = b'{"format": 1}'
+    (tmp_path / "manifest.json").write_bytes(manifest)
+    (tmp_path / "manifest.sig").write_bytes(signer(manifest))
+    trusted = TrustedKeys.parse([key.public_key.hex()])
+    assert trusted.check_bundle(tmp_path) == key.key_id
+    (tmp_path / "manifest.json").write_bytes(manifest + b" ")
+    with pytest.raises(FedflockError):
+        trusted.check_bundle(tmp_path)
+    assert "signer" not in export_kwargs(parse())
+
+
+def test_sign_key_that_does_not_exist_is_a_config_error(tmp_path) -> None:
+    from edge_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="signing key"):
+        export_kwargs(parse("--sign-key", str(tmp_path / "missing.key")))
