@@ -1,8 +1,9 @@
 """Update codecs on a federated digits run: bytes per update and final accuracy, vs fp32, one script run.
 
 Digits (scikit-learn's bundled copy), split over ``--devices`` (50) with Dirichlet(``--alpha`` = 0.3),
-the demo CNN, FedAvg for ``--rounds`` rounds with ``--per-round`` devices sampled per round — the
-same sample sequence, data and initial weights for every codec. Each device is a real
+the demo CNN (``--model cnn``) or a 50,826-value MLP (``--model mlp``), FedAvg for ``--rounds``
+rounds with ``--per-round`` devices sampled per round — the same sample sequence, data and initial
+weights for every codec. Each device is a real
 :class:`~edge_agent.agent.Agent` (its ``execute`` path: onnxruntime training, codec choice,
 error feedback) and the server side is the real :class:`~broker_server.rounds.RoundState`
 (validation and streaming accumulation of the encoded payload); only the MQTT hop is left out,
@@ -10,7 +11,8 @@ so bytes are the UPDATE envelope a device would publish.
 
 Prints a markdown table: payload and envelope bytes per update, ratio to fp32 (payload and
 envelope), final test accuracy and its difference to fp32. Goals (issue #4): int8 >= 3.9x,
-4-bit >= 7.5x, top-k 1 % + int8 with error feedback >= 50x, each within 1 accuracy point.
+4-bit >= 7.5x, top-k 1 % + int8 with error feedback >= 50x, each within 1 accuracy point — met by
+``--model mlp --rounds 400 --seeds 0 1 2`` (docs/benchmarks.md, ~12 min on 2 CPUs).
 
     python benchmarks/compression.py [--rounds 40] [--seeds 0 1 2] [--codecs fp32 int8 int4 topk-int8:0.01 ...]
 """
@@ -43,13 +45,21 @@ from fedflock.datasets import dirichlet_partition, load_digits_arrays, train_tes
 DEFAULT_CODECS = ["fp32", "fp16", "int8", "int8-channel", "int4", "int2", "sign", "topk:0.01", "topk-int8:0.01"]
 
 
-def export_digits_bundle(out: Path) -> Bundle:
+def export_digits_bundle(out: Path, model: str = "cnn") -> Bundle:
+    """The demo CNN (6,282 aggregated values) or a 64-256-128-10 MLP (50,826 values)."""
     import torch
+    from torch import nn
 
     from model_export import DigitsCNN, export_bundle
 
     torch.manual_seed(0)
-    return Bundle.open(export_bundle(DigitsCNN(), input_shape=(1, 8, 8), num_classes=10, out_dir=out, lr=0.05))
+    if model == "cnn":
+        net: nn.Module = DigitsCNN()
+    else:
+        net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+    return Bundle.open(export_bundle(net, input_shape=(1, 8, 8), num_classes=10, out_dir=out, lr=0.05))
 
 
 def run_codec(
@@ -118,12 +128,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; accuracy averaged")
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="the demo CNN or a 50k-value MLP")
     args = parser.parse_args()
     if "fp32" not in args.codecs:
         args.codecs.insert(0, "fp32")
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = export_digits_bundle(Path(tmp) / "bundle")
+        bundle = export_digits_bundle(Path(tmp) / "bundle", args.model)
         raw = len(encode_tensors({t.name: np.zeros(t.shape, np.float32) for t in bundle.manifest.aggregated_tensors}))
         params = sum(int(np.prod(t.shape)) for t in bundle.manifest.aggregated_tensors)
         runs: dict[str, list[dict[str, float]]] = {codec: [] for codec in args.codecs}
@@ -154,7 +165,8 @@ def print_table(runs: dict[str, list[dict[str, float]]], args: argparse.Namespac
 
     seeds = ", ".join(map(str, args.seeds))
     print(
-        f"\nDigits CNN ({params} aggregated parameters; plain fp32 tensor set {raw} B), {args.devices} devices, "
+        f"\nDigits {args.model.upper()} ({params} aggregated parameters; plain fp32 tensor set {raw} B), "
+        f"{args.devices} devices, "
         f"Dirichlet {args.alpha}, {args.per_round}/round, {args.rounds} rounds, {args.epochs} local epochs, "
         f"seeds {seeds} (accuracy: mean over seeds; Δ: mean of per-seed differences, [min, max])\n"
     )

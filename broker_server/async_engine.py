@@ -9,8 +9,7 @@ each UPDATE goes to a :class:`~broker_server.fedbuff.FedBuff` whose task table k
 issued (device and model version), so an update's staleness is the versions made since its
 task's version, it weighs ``num_examples × f(staleness)``, and an update more than
 ``max_staleness`` behind, a duplicate, or one for a task never issued to its sender is refused
-with its reason (raised as :class:`UpdateRefused`, so the dispatcher counts it in
-``FederatedServer.rejections`` with the reason as its code).
+(:class:`UpdateRefused`: the dispatcher counts it in ``FederatedServer.rejections`` by reason).
 
 Every ``buffer_size`` accepted updates seal a buffer: its weighted mean delta goes through
 ``strategy.apply`` and becomes the next model version, stored through the journal exactly like a
@@ -43,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable
 
@@ -51,7 +49,7 @@ import numpy as np
 
 from broker_server.aggregate import WeightedMean
 from broker_server.async_config import AsyncSettings
-from broker_server.async_ledger import ASYNC_SETTING, AsyncLedger, TaskEntry
+from broker_server.async_ledger import ASYNC_SETTING, AsyncLedger, TaskEntry, expire_tasks, issue_tasks
 from broker_server.async_results import UpdateRefused, rebase_buffers, result_metrics
 from broker_server.fedbuff import Accepted, BufferCheckpoint, BufferResult, FedBuff, IssuedTask, Rejected
 from broker_server.journal import OpenRound, RoundJournal
@@ -65,6 +63,7 @@ from broker_server.server_config import RoundResult
 from broker_server.strategies import plain_tensor_names
 from edge_agent.codecs import CodecSpec
 from edge_agent.errors import ContractViolation, StorageError
+from edge_agent.protocol.binding import payload_digest
 from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
 from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.runtime.trainer import EvalResult
@@ -111,7 +110,7 @@ class AsyncEngine:
         self._opened_at = 0.0
         self._progress = 0.0
         self._sent = 0
-        self._payload: tuple[int, bytes] | None = None
+        self._payload: tuple[int, bytes, str] | None = None  # version, its TASK payload, the payload's digest
         self._failed_here = 0
         self._stopped = False
         #: version -> its plain tensors (buffers), for the versions a fresh-enough update can be based on
@@ -134,7 +133,7 @@ class AsyncEngine:
     def _task_of(self, task_id: str) -> IssuedTask | None:
         entry = self._tasks.get(task_id)
         if entry is not None:
-            return IssuedTask(device_id=entry.device_id, model_version=entry.model_version)
+            return entry.issued()
         return self._answered.get(task_id)
 
     @property
@@ -229,16 +228,10 @@ class AsyncEngine:
 
     def _expire(self) -> None:
         """Free the slots of tasks past their deadline or too stale to count; forget old tasks."""
-        now, changed = self._wall_clock(), False
         oldest = self._core.model_version - self.settings.max_staleness
-        for task_id, entry in list(self._tasks.items()):
-            if entry.model_version < oldest - self.settings.max_staleness - 1:
-                del self._tasks[task_id]  # long refused as stale: forgotten (a replay is an unknown task)
-                changed = True
-            elif not entry.expired and (entry.deadline <= now or entry.model_version < oldest):
-                log.info("task %s of %s timed out or went stale; its slot is reused", task_id, entry.device_id)
-                self._tasks[task_id] = dataclasses.replace(entry, expired=True)
-                changed = True
+        changed = expire_tasks(
+            self._tasks, now=self._wall_clock(), oldest=oldest, forget_below=oldest - self.settings.max_staleness - 1
+        )
         for task_id in [t for t, issued in self._answered.items() if issued.model_version < oldest]:
             del self._answered[task_id]
         if changed:
@@ -258,12 +251,14 @@ class AsyncEngine:
         choice = self._selector.choose(self._round, candidates, now=now, exclude=quarantined, cap=free)
         if not choice.chosen:
             return
-        deadline = now + self.settings.task_timeout_s
-        issued = {f"a{self._round}-{uuid.uuid4().hex[:12]}": device_id for device_id in choice.chosen}
-        for task_id, device_id in issued.items():
-            self._tasks[task_id] = TaskEntry(
-                device_id=device_id, model_version=core.model_version, round=self._round, deadline=deadline
-            )
+        issued = issue_tasks(
+            choice.chosen,
+            round_=self._round,
+            model_version=core.model_version,
+            deadline=now + self.settings.task_timeout_s,
+            base_digest=self._version_payload()[2],
+        )
+        self._tasks.update(issued)
         self._save(self._buffer.snapshot())  # before sending: an answer after a restart is still known
         self._selector.record(self._round, choice.chosen, now=now)
         if self._selector.budgeted:
@@ -271,14 +266,21 @@ class AsyncEngine:
         self._sent += len(issued)
         self._send(issued)
 
-    def _send(self, issued: dict[str, str]) -> None:
-        core, plan = self._core, self._plan
-        assert plan is not None
+    def _version_payload(self) -> tuple[int, bytes, str]:
+        """The current version's TASK payload, encoded once per version, and its digest."""
+        core = self._core
         if self._payload is None or self._payload[0] != core.model_version:
             shared = core.bundle.manifest.shared_model_tensors
-            self._payload = (core.model_version, encode_tensors({t.name: core.weights[t.name] for t in shared}))
-        chunk = core.config.chunk_bytes
-        for task_id, device_id in issued.items():
+            payload = encode_tensors({t.name: core.weights[t.name] for t in shared})
+            self._payload = (core.model_version, payload, payload_digest(payload))
+        return self._payload
+
+    def _send(self, issued: dict[str, TaskEntry]) -> None:
+        core, plan = self._core, self._plan
+        assert plan is not None
+        payload, chunk = self._version_payload()[1], core.config.chunk_bytes
+        for task_id, entry in issued.items():
+            device_id = entry.device_id
             task = plan.task(
                 device_id=device_id,
                 round=self._round,
@@ -287,7 +289,7 @@ class AsyncEngine:
                 bundle_digest=core.bundle.digest,
                 deadline_s=self.settings.task_timeout_s,
             )
-            envelope = encode_message(task, payload=self._payload[1])
+            envelope = encode_message(dataclasses.replace(task, nonce=entry.nonce), payload=payload)
             topic = core.config.topics.tasks(device_id)
             if len(envelope) <= chunk:
                 self._transport.publish(topic, envelope, qos=1)
@@ -298,23 +300,23 @@ class AsyncEngine:
 
     # -- results ---------------------------------------------------------------------------------
 
-    def on_result(self, message: UpdateMessage | ErrorMessage) -> None:
-        """An UPDATE or ERROR; raises ProtocolError (counted as a rejection) for one not accepted."""
+    def on_result(self, message: UpdateMessage | ErrorMessage) -> bool:
+        """An UPDATE or ERROR; True for a counted update; raises ProtocolError for one not accepted."""
         self._core.safeguards.admit(message.device_id)
         with self._lock:
             if isinstance(message, ErrorMessage):
                 self._failed(message)
-                return
+                return False
             if self.finished or self._stopped:
                 raise UpdateRefused("finished", f"the federation has made its {self.settings.versions} versions")
             outcome = self._buffer.offer(message, current_version=self._core.model_version)
             if isinstance(outcome, Rejected):
                 raise UpdateRefused(outcome.reason, outcome.detail)
             self._accepted(message, outcome)
+            return True
 
     def _accepted(self, update: UpdateMessage, outcome: Accepted) -> None:
-        self._tasks.pop(update.task_id, None)
-        self._answered[update.task_id] = IssuedTask(device_id=update.device_id, model_version=update.model_version)
+        self._answered[update.task_id] = self._tasks.pop(update.task_id).issued()  # FedBuff found it there
         self._progress = self._clock()
         log.debug(
             "update %s from %s: staleness %d, weight %.3g",

@@ -1,7 +1,9 @@
 """Inbound messages: from the transport to the registry, the model publisher or the open round.
 
 :class:`Dispatcher` pulls what the transport queued (:meth:`Dispatcher.pump`), checks that each
-message comes from the device whose topic it was published on, reassembles chunked uploads, and
+message comes from the device whose topic it was published on (else ``cross_device``: with the
+generated ACL the topic's id is the authenticated MQTT username, so a header naming another
+device is a forgery or a mix-up; update binding, :mod:`edge_agent.protocol.binding`), reassembles chunked uploads, and
 hands it on: STATUS to the :class:`~broker_server.registry.DeviceRegistry` and to the
 :class:`~broker_server.models.ModelPublisher` (a staged rollout folds install reports in), FETCH
 to the publisher, UPDATE and ERROR to the round engine's ``on_result``. Every pump also ticks the
@@ -17,10 +19,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from broker_server.events import ServerEvents
 from broker_server.models import ModelPublisher
 from broker_server.registry import DeviceRegistry
 from broker_server.server_config import Rejection
 from edge_agent.errors import ProtocolError
+from edge_agent.protocol.binding import CrossDevice
 from edge_agent.protocol.messages import (
     ChunkAck,
     ChunkMessage,
@@ -38,8 +42,9 @@ __all__ = ["Dispatcher", "ResultHandler"]
 
 log = logging.getLogger("fedflock.server")
 
-#: takes an UPDATE or ERROR; raises ProtocolError for one it cannot accept
-ResultHandler = Callable[[UpdateMessage | ErrorMessage], None]
+#: takes an UPDATE or ERROR; True when an update was counted (not a duplicate); raises
+#: ProtocolError for one it cannot accept
+ResultHandler = Callable[[UpdateMessage | ErrorMessage], bool]
 
 
 class Dispatcher:
@@ -53,6 +58,7 @@ class Dispatcher:
         publisher: ModelPublisher,
         on_result: ResultHandler,
         clock: Callable[[], float],
+        events: ServerEvents | None = None,
     ) -> None:
         self.rejections: deque[Rejection] = deque(maxlen=1000)
         self._transport = transport
@@ -62,6 +68,7 @@ class Dispatcher:
         self._publisher = publisher
         self._on_result = on_result
         self._clock = clock
+        self._events = events
 
     def pump(self, timeout: float) -> None:
         """Advance transfers, then handle every queued message (waiting up to ``timeout`` for the first)."""
@@ -80,8 +87,8 @@ class Dispatcher:
             if kind == STATUS and not inbound.payload:
                 return  # a cleared retained status
             message = decode_message(inbound.payload)
-            if message.device_id != device_id:
-                raise ProtocolError(f"message from {message.device_id!r} published on {device_id!r}'s topic")
+            if message.device_id != device_id:  # the topic's id is the authenticated one (ACL)
+                raise CrossDevice(f"message from {message.device_id!r} published on {device_id!r}'s topic")
             if isinstance(message, ChunkMessage | ChunkAck):
                 if kind != RESULTS:
                     raise ProtocolError(f"{type(message).__name__} is not valid on a {kind} topic")
@@ -89,11 +96,15 @@ class Dispatcher:
                 if whole is None:
                     return
                 message = decode_message(whole)
-                if isinstance(message, ChunkMessage | ChunkAck) or message.device_id != device_id:
+                if isinstance(message, ChunkMessage | ChunkAck):
                     raise ProtocolError(f"reassembled object from {device_id!r} is not one of its results")
+                if message.device_id != device_id:
+                    raise CrossDevice(f"reassembled object from {device_id!r} names device {message.device_id!r}")
             self._dispatch(kind, message)
         except ProtocolError as exc:
             self.rejections.append(Rejection(device_id, exc.code, exc.reason))
+            if self._events is not None:
+                self._events.message_rejected(exc.code)
             log.warning("rejected message from %s on %s (%s): %s", device_id, inbound.topic, exc.code, exc.reason)
 
     def _dispatch(self, kind: str, message: object) -> None:
@@ -103,6 +114,7 @@ class Dispatcher:
         elif kind == RESULTS and isinstance(message, FetchMessage):
             self._publisher.handle_fetch(message, self._link)
         elif kind == RESULTS and isinstance(message, UpdateMessage | ErrorMessage):
-            self._on_result(message)
+            if self._on_result(message) and isinstance(message, UpdateMessage) and self._events is not None:
+                self._events.update_accepted(message.codec, len(message.payload))
         else:
             raise ProtocolError(f"{type(message).__name__} is not valid on a {kind} topic")

@@ -26,9 +26,8 @@ they are kept, staleness-weighted, and join the next completed round's aggregate
 (:mod:`broker_server.late_updates`, counted in ``RoundEngine.late.accepted``).
 :meth:`RoundEngine.resume` continues a round restored from the store until its stored deadline,
 re-sending TASKs to its outstanding devices (agents answer a known task id with their stored
-result, so nothing is trained or counted twice). A buffered robust rule's rows are not stored:
-on resume the engine also re-sends the TASKs of the accepted updates and refills the buffer from
-the agents' stored results (:class:`broker_server.rounds.Refill`).
+result: nothing is trained or counted twice); a buffered robust rule's buffer is refilled so
+(:class:`broker_server.rounds.Refill`).
 """
 
 from __future__ import annotations
@@ -37,25 +36,27 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import numpy as np
 
-from broker_server.fedbuff import Rejected
+from broker_server.cluster_rounds import ClusterRounds
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.late_updates import LateUpdates, combine
 from broker_server.participation import RoundSelector
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import RobustAggregationError
 from broker_server.round_plan import RoundPlan
-from broker_server.rounds import RoundState
-from broker_server.safeguards import TRUST_SETTING, Safeguards
-from broker_server.selection import Complete, Dropped, Wait, round_outcome, route_late_update
+from broker_server.round_routing import ResultRouting
+from broker_server.rounds import RoundState, bind_tasks
+from broker_server.safeguards import PRIVACY_SETTING, TRUST_SETTING, BudgetExhausted, Safeguards
+from broker_server.selection import Complete, Wait, round_outcome
 from broker_server.server_config import RoundResult, ServerConfig
 from broker_server.strategies import Strategy, plain_tensor_names
 from edge_agent.codecs import CodecSpec
-from edge_agent.errors import ContractViolation, ProtocolError
-from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
+from edge_agent.protocol.binding import TaskBinding, payload_digest
+from edge_agent.protocol.messages import encode_message
 from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import EvalResult
@@ -83,7 +84,7 @@ class LiveRound:
         return self.opened.state
 
 
-class RoundEngine:
+class RoundEngine(ResultRouting):
     """Owns the global model (``weights``, ``model_version``) and runs rounds on it."""
 
     def __init__(
@@ -102,6 +103,7 @@ class RoundEngine:
         evaluator: Evaluator | None,
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
+        clusters: ClusterRounds | None = None,
     ) -> None:
         self.config, self.bundle, self.strategy = config, bundle, strategy
         self.weights: Tensors = {}
@@ -113,7 +115,7 @@ class RoundEngine:
         self.late_updates = 0
         self._transport, self._link, self._registry = transport, link, registry
         self._journal, self._selector, self._pump = journal, selector, pump
-        self.safeguards = safeguards
+        self.safeguards, self.clusters = safeguards, clusters
         self._evaluator, self._clock, self._wall_clock = evaluator, clock, wall_clock
         self._plain = plain_tensor_names(bundle.manifest)
         #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
@@ -140,6 +142,8 @@ class RoundEngine:
     def run_round(self, number: int, *, started: float) -> RoundResult:
         """Select, send, collect and close round ``number`` (``started``: when it began waiting)."""
         config, guard = self.config, self.safeguards
+        if stop := guard.stop_reason():  # central DP: the budget is spent, no TASK goes out
+            return self._result(number, None, started, completed=False, reason=stop)
         now = self._wall_clock()
         candidates = self._registry.candidates(self.bundle.digest)
         quarantined = guard.excluded(c.device_id for c in candidates)
@@ -171,7 +175,9 @@ class RoundEngine:
             specs=self.bundle.manifest.aggregated_tensors,
             codecs=plan.codec_names,
         )
-        guard.prepare(state)
+        shared = encode_tensors({t.name: self.weights[t.name] for t in self.bundle.manifest.shared_model_tensors})
+        state.bindings = bind_tasks(state.tasks, payload_digest(shared))  # stored with the round: replays refused
+        self._prepare(state)
         opened = OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s)
         self._journal.round_opened(opened)
         self._selector.record(number, selection.chosen, now=now)
@@ -197,7 +203,7 @@ class RoundEngine:
         state, guard = opened.state, self.safeguards
         reason = guard.unresumable(state)
         if not reason:
-            guard.prepare(state)
+            self._prepare(state)
             outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
             refill = dict(state.refill.pending) if state.refill is not None else {}
             log.info(
@@ -223,13 +229,19 @@ class RoundEngine:
             return self._result(state.round, state, live.started, completed=False, reason=reason)
         return self._collect_and_close(live)
 
+    def _prepare(self, state: RoundState) -> None:
+        self.safeguards.prepare(state)
+        if self.clusters is not None:  # update rows, per-cluster task bindings (broker_server.cluster_rounds)
+            self.clusters.prepare(state)
+
     def _send_tasks(self, live: LiveRound, tasks: Mapping[str, str]) -> None:
         deadline_s = live.deadline - self._clock()
         if not tasks or deadline_s <= 0:
             return
         # once per round, not once per device; personal tensors never leave their devices
         shared = self.bundle.manifest.shared_model_tensors
-        weights = encode_tensors({t.name: self.weights[t.name] for t in shared})
+        clusters = self.clusters  # clustered FL: each device gets its cluster's weights, encoded once per cluster
+        weights = encode_tensors({t.name: self.weights[t.name] for t in shared}) if clusters is None else b""
         chunk = self.config.chunk_bytes
         for task_id, device_id in tasks.items():
             task = live.opened.plan.task(
@@ -240,7 +252,8 @@ class RoundEngine:
                 bundle_digest=self.bundle.digest,
                 deadline_s=deadline_s,
             )
-            envelope = encode_message(task, payload=weights)
+            task = replace(task, nonce=live.state.bindings.get(task_id, TaskBinding()).nonce)
+            envelope = encode_message(task, payload=weights if clusters is None else clusters.payload(device_id))
             topic = self.config.topics.tasks(device_id)
             if len(envelope) <= chunk:
                 self._transport.publish(topic, envelope, qos=1)
@@ -272,11 +285,11 @@ class RoundEngine:
             for transfer in self._downloads:
                 self._link.forget(transfer)
             self._downloads.clear()
-        if not isinstance(outcome, Complete):
+        if not isinstance(outcome, Complete) and not self.safeguards.releases_every_round:
             state.buffer = None  # a closed round keeps its bookkeeping, not its updates
             self._journal.abandoned(state.round, outcome.reason)
             return self._result(state.round, state, live.started, completed=False, reason=outcome.reason)
-        if outcome.early and outstanding:
+        if isinstance(outcome, Complete) and outcome.early and outstanding:
             fate = "kept for the next round" if self.late is not None else "dropped"
             log.info("round %d: %d devices still training; their updates will be %s", state.round, outstanding, fate)
         try:
@@ -286,20 +299,30 @@ class RoundEngine:
 
     def _complete(self, live: LiveRound) -> RoundResult:
         state, number, guard = live.state, live.state.round, self.safeguards
+        if self.clusters is not None:  # one model per cluster (broker_server.cluster_rounds)
+            made = partial(self._result, number, state, live.started, completed=True)
+            result = self.clusters.complete(state, make_result=made)
+            self.weights, self.model_version = self.clusters.root.weights, result.model_version
+            return result
+        began = self._clock()  # aggregation: from the round's updates to the next model
         try:
             delta, report = guard.aggregate(state)
-        except RobustAggregationError as exc:
+        except (RobustAggregationError, BudgetExhausted) as exc:
             reason = f"{guard.describe()}: {exc.reason}"
             self._journal.abandoned(number, reason)
             return self._result(number, state, live.started, completed=False, reason=reason)
+        if (charged := guard.privacy_state()) is not None:  # the charge is stored before the model
+            self._journal.save_setting(PRIVACY_SETTING, charged)
         guard.report(state, report)
         late = self.late.take() if self.late is not None else None
         if late is not None:
             delta = combine(delta, state.mean.total_weight, late)
             log.info("round %d: %d late updates joined the aggregate", number, len(late.contributors))
-        weights = self.strategy.apply(self.weights, delta, round=number, plain=self._plain)
+        weights = guard.postprocess(self.strategy.apply(self.weights, delta, round=number, plain=self._plain))
+        aggregation_s = self._clock() - began
         test = self._evaluator(weights) if self._evaluator is not None else None
         result = self._result(number, state, live.started, completed=True, test=test, version=self.model_version + 1)
+        result = replace(result, aggregation_s=aggregation_s)
         self._journal.completed(
             number,
             version=result.model_version,
@@ -344,52 +367,3 @@ class RoundEngine:
             test_loss=test.loss if test else None,
             test_accuracy=test.accuracy if test else None,
         )
-
-    # -- results ---------------------------------------------------------------------------------
-
-    def on_result(self, message: UpdateMessage | ErrorMessage) -> None:
-        """An UPDATE or ERROR from a device; raises ProtocolError for one that is not acceptable."""
-        self.safeguards.admit(message.device_id)  # Quarantined (with its reason) from a quarantined device
-        live, closed = self.current, self.closed
-        if live is not None and message.round == live.state.round:
-            self._accept(live.state, message)
-        elif closed is not None and message.round == closed.round:
-            self._late(message, closed)
-        elif live is not None:
-            self._accept(live.state, message)  # ContractViolation for another round's result
-        else:
-            raise ProtocolError(f"result for round {message.round} arrived while no round is open")
-
-    def _accept(self, state: RoundState, message: UpdateMessage | ErrorMessage) -> None:
-        if isinstance(message, UpdateMessage):
-            if not state.accept_update(message):
-                log.info("duplicate update for task %s from %s ignored", message.task_id, message.device_id)
-                return
-            self._journal.accepted(state, message)
-        else:
-            if not state.record_error(message):
-                return
-            self._journal.failed(state, message)
-            log.warning(
-                "device %s failed task %s (%s): %s", message.device_id, message.task_id, message.code, message.reason
-            )
-
-    def _late(self, message: UpdateMessage | ErrorMessage, closed: RoundState) -> None:
-        if closed.tasks.get(message.task_id) != message.device_id:
-            raise ContractViolation(
-                f"task {message.task_id!r} of round {closed.round} was not issued to {message.device_id!r}"
-            )
-        if message.task_id in closed.accepted or message.task_id in closed.failed:
-            log.info("duplicate result for task %s from %s ignored", message.task_id, message.device_id)
-        elif isinstance(message, UpdateMessage):
-            if self.late is not None:
-                outcome = self.late.offer(message, closed, current_version=self.model_version)
-            else:
-                outcome = route_late_update(message, closed, policy="drop")
-            if isinstance(outcome, Rejected):
-                raise ContractViolation(f"late update refused ({outcome.reason}): {outcome.detail}")
-            if isinstance(outcome, Dropped):
-                self.late_updates += 1
-                log.info("late update from %s: %s", message.device_id, outcome.reason)
-        else:
-            log.info("late error from %s for task %s: %s", message.device_id, message.task_id, message.reason)

@@ -35,6 +35,14 @@
 
 The reputation is JSON (:meth:`state` / :meth:`load_state`; the server keeps it as the store
 setting :data:`TRUST_SETTING`, written after each completed round).
+
+**Central DP** (issue #7, :mod:`broker_server.privacy_wiring`) is a third mode, exclusive of the
+robust rules and trust (``ServerConfig`` refuses the combination): :meth:`prepare` installs the
+round's clipped :class:`~broker_server.privacy.DPMean`, :meth:`aggregate` releases its noisy mean
+(charging the accountant), :attr:`releases_every_round` makes the engine release a closed round
+however few updates it has, :meth:`stop_reason` ends the federation once the budget is spent
+(:meth:`unresumable` refuses a stored round then), and :meth:`postprocess` clamps BatchNorm
+variances. The accountant is the store setting ``PRIVACY_SETTING`` (:meth:`privacy_state`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from typing import Any
 import numpy as np
 
 from broker_server.aggregate import WeightedMean
+from broker_server.privacy import BudgetExhausted
+from broker_server.privacy_wiring import PRIVACY_SETTING, CentralPrivacy
 from broker_server.robust import (
     ClippedWeightedMean,
     Flattener,
@@ -66,7 +76,7 @@ from broker_server.rounds import Refill, RoundState
 from edge_agent.errors import ConfigError, ContractViolation, StorageError
 from edge_agent.protocol.manifest import TensorSpec
 
-__all__ = ["TRUST_SETTING", "Quarantined", "RobustRound", "Safeguards"]
+__all__ = ["PRIVACY_SETTING", "TRUST_SETTING", "BudgetExhausted", "Quarantined", "RobustRound", "Safeguards"]
 
 log = logging.getLogger("fedflock.server")
 
@@ -101,9 +111,20 @@ class Safeguards:
     """Robust aggregation and tiered trust for one server (see the module docstring)."""
 
     def __init__(
-        self, settings: RobustSettings | None, trust: TrustConfig | None, specs: tuple[TensorSpec, ...]
+        self,
+        settings: RobustSettings | None,
+        trust: TrustConfig | None,
+        specs: tuple[TensorSpec, ...],
+        *,
+        privacy: CentralPrivacy | None = None,
     ) -> None:
+        if privacy is not None and (settings is not None or trust is not None):
+            raise ConfigError("privacy: central DP cannot be combined with a robust rule or tiered trust")
         self.settings = settings
+        #: central DP (None: off)
+        self.privacy = privacy
+        #: why the federation stopped (the privacy budget), once it has
+        self.stopped = ""
         self.reputation = Reputation(trust) if trust is not None else None
         #: every trust decision taken (newest last; the oldest are forgotten after 1000)
         self.events: deque[TrustDecision] = deque(maxlen=1000)
@@ -132,7 +153,22 @@ class Safeguards:
         return self.settings.min_updates if self.settings is not None else 1
 
     def describe(self) -> str:
+        if self.privacy is not None:
+            return "central DP"
         return self.settings.describe() if self.settings is not None else "fedavg"
+
+    @property
+    def releases_every_round(self) -> bool:
+        """Central DP: a closed round is released even with too few updates (abandoning it would leak the count)."""
+        return self.privacy is not None
+
+    def stop_reason(self) -> str:
+        """Why no further round may run ("" to go on): the privacy budget is spent. Remembered in :attr:`stopped`."""
+        reason = self.privacy.stop_reason() if self.privacy is not None else ""
+        if reason and not self.stopped:
+            log.warning("stopping the federation: %s", reason)
+        self.stopped = self.stopped or reason
+        return reason
 
     def check(self) -> None:
         """``ConfigError`` if the buffer cannot hold the updates the rule needs."""
@@ -167,7 +203,9 @@ class Safeguards:
         had accepted (their rows are collected again).
         """
         settings = self.settings
-        if self.buffered and settings is not None:
+        if self.privacy is not None:
+            self.privacy.prepare(state)
+        elif self.buffered and settings is not None:
             state.buffer = UpdateBuffer(self._flattener, rows=max(1, len(state.tasks)), config=settings.buffer)
             if state.accepted:
                 state.refill = Refill.of(state.tasks, state.accepted, state.mean)
@@ -180,6 +218,8 @@ class Safeguards:
 
     def unresumable(self, state: RoundState) -> str:
         """Why a round restored from the store cannot continue under these settings ("" if it can)."""
+        if self.privacy is not None:
+            return self.stop_reason()
         if not self.buffered:
             return ""
         fit = self.max_tasks
@@ -214,8 +254,11 @@ class Safeguards:
     def aggregate(self, state: RoundState) -> tuple[Tensors, RuleReport | None]:
         """The round's delta, and the rule's report when a buffered rule made it.
 
-        Raises :class:`~broker_server.robust.RobustAggregationError` if the rule cannot run.
+        Raises :class:`~broker_server.robust.RobustAggregationError` if the rule cannot run, and
+        :class:`~broker_server.privacy.BudgetExhausted` (nothing released) past the privacy budget.
         """
+        if self.privacy is not None:
+            return self.privacy.release(state), None
         if state.buffer is not None and self._rule is not None:
             result = state.buffer.aggregate(self._rule)
             return self._flattener.unflatten(result.delta), result.report
@@ -286,7 +329,24 @@ class Safeguards:
             }
         return {}
 
+    def postprocess(self, weights: Tensors) -> Tensors:
+        """The next model after ``strategy.apply``: BatchNorm variances clamped under central DP."""
+        return self.privacy.postprocess(weights) if self.privacy is not None else weights
+
     # -- persistence -----------------------------------------------------------------------------
+
+    def privacy_state(self) -> dict[str, Any] | None:
+        """The accountant to store after a round was charged (None without central DP)."""
+        return self.privacy.state() if self.privacy is not None else None
+
+    def load_privacy(self, data: Mapping[str, Any] | None) -> None:
+        """Continue the privacy budget a previous run spent (a stored one is never reset)."""
+        if self.privacy is not None:
+            if data is None:
+                log.warning("central DP: the stored federation has no accountant (it ran without DP); ε counts from 0")
+            self.privacy.load_state(data)
+        elif data is not None:
+            log.warning("the store holds a privacy accountant, but central DP is off in this run")
 
     def state(self) -> dict[str, Any] | None:
         return self.reputation.to_state() if self.reputation is not None else None

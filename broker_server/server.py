@@ -11,6 +11,8 @@
 * :mod:`broker_server.async_engine` — ``mode="async"``: buffered asynchronous aggregation
   (FedBuff) instead of rounds, every buffer a new version (``asynchronous`` table,
   :mod:`broker_server.async_config`);
+* :mod:`broker_server.cluster_rounds` — clustered FL (``config.clusters``): one model per cluster
+  of devices, split by update similarity;
 * :mod:`broker_server.safeguards` — robust aggregation (``config.robust``) and tiered trust
   (``config.trust``): quarantines, trust weights, and :attr:`FederatedServer.trust_events`;
 * :mod:`broker_server.journal` — the optional :class:`~broker_server.persistence.ServerStore`:
@@ -34,20 +36,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from broker_server.async_engine import AsyncEngine
+from broker_server.cluster_models import ClusterBook
+from broker_server.cluster_rounds import ClusterRounds, cluster_dirs
 from broker_server.dispatch import Dispatcher
+from broker_server.events import ServerEvents
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.models import ModelPublisher
 from broker_server.participation import RoundSelector
 from broker_server.persistence import ServerStore
+from broker_server.privacy_wiring import CentralPrivacy
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import Reputation, TrustDecision
 from broker_server.rollout import RolloutState
 from broker_server.round_engine import Evaluator, RoundEngine
-from broker_server.safeguards import TRUST_SETTING, RobustRound, Safeguards
+from broker_server.safeguards import PRIVACY_SETTING, TRUST_SETTING, RobustRound, Safeguards
 from broker_server.server_config import Rejection, RoundResult, ServerConfig
 from broker_server.store import ModelStore
 from broker_server.strategies import Strategy, TaskSettings, check_task_settings
@@ -81,12 +88,16 @@ class FederatedServer:
         publisher: ModelPublisher | None = None,
         strategy: Strategy | None = None,
         store: ServerStore | None = None,
+        privacy_rng: np.random.Generator | None = None,
+        events: ServerEvents | None = None,
     ) -> None:
         """``publisher`` announces and serves model bundles (default: one for ``config.topics``).
 
         ``strategy`` replaces the one ``config.strategy`` describes (give one or the other).
         ``store`` makes the federation durable and resumable; the caller opens and closes it.
         ``wall_clock`` stamps what outlives the process (round deadlines, participation budgets).
+        ``privacy_rng`` draws central DP's noise (default: seeded from the OS's CSPRNG).
+        ``events`` hears every counted update and every rejected message (e.g. ServerMetrics).
         """
         if strategy is not None and config.strategy:
             raise ConfigError("give the strategy either as FederatedServer(strategy=...) or in config.strategy")
@@ -117,9 +128,11 @@ class FederatedServer:
         link = TransferLink(transport, clock=clock)
         rng = rng or random.Random(config.seed)
         self._selector = RoundSelector(config.selection_policy(), window_s=config.budget_window_s, rng=rng)
-        self._safeguards = Safeguards(
-            config.robust_settings(), config.trust_config(), bundle.manifest.aggregated_tensors
-        )
+        dp = config.privacy_config()
+        specs = bundle.manifest.aggregated_tensors
+        privacy = CentralPrivacy(dp, specs, rng=privacy_rng) if dp is not None else None
+        self._clusters = ClusterRounds.configured(config, bundle, self.strategy, self._journal, evaluator)
+        self._safeguards = Safeguards(config.robust_settings(), config.trust_config(), specs, privacy=privacy)
         self._engine = RoundEngine(
             config,
             bundle,
@@ -134,6 +147,7 @@ class FederatedServer:
             evaluator=evaluator,
             clock=clock,
             wall_clock=wall_clock,
+            clusters=self._clusters,
         )
         #: the FedBuff engine (``mode="async"``; None in sync mode)
         self.asynchronous: AsyncEngine | None = None
@@ -160,6 +174,7 @@ class FederatedServer:
             publisher=self.publisher,
             on_result=self.asynchronous.on_result if self.asynchronous is not None else self._engine.on_result,
             clock=clock,
+            events=events,
         )
         self._next_round = 1
         self._resumable: OpenRound | None = None
@@ -173,6 +188,15 @@ class FederatedServer:
     @property
     def model_version(self) -> int:
         return self._engine.model_version
+
+    @property
+    def clusters(self) -> ClusterBook | None:
+        """Clustered FL's assignments and per-cluster models (None unless ``config.clusters`` is set)."""
+        return self._clusters.book if self._clusters is not None else None
+
+    def cluster_status(self) -> list[dict[str, object]] | None:
+        """Per cluster: id, members, version, lineage, accuracy (``build_status(clusters=...)``); None when off."""
+        return self._clusters.status() if self._clusters is not None else None
 
     @property
     def rejections(self) -> deque[Rejection]:
@@ -192,6 +216,16 @@ class FederatedServer:
     def robust_round(self) -> RobustRound | None:
         """What the robust rule did in the last completed round (None without a rule)."""
         return self._safeguards.last_round
+
+    @property
+    def privacy(self) -> dict[str, Any] | None:
+        """Central DP's status (ε spent and budget, noise, clip norm); None when DP is off."""
+        return self._safeguards.privacy.view() if self._safeguards.privacy is not None else None
+
+    @property
+    def stopped(self) -> str:
+        """Why the federation ended before ``config.rounds`` (the privacy budget), else ""."""
+        return self._safeguards.stopped
 
     @property
     def late_updates(self) -> int:
@@ -221,9 +255,10 @@ class FederatedServer:
         resuming = self._journal.holds_versions()
         if resuming and weights is not None:
             raise ConfigError("the server store already holds a federation; start() resumes it and takes no weights")
-        if self._models is not None and self._models.versions() and not resuming:
+        held = [*self._models.versions(), *cluster_dirs(self._models.root)] if self._models else []
+        if self._models is not None and held and not resuming:
             raise ConfigError(
-                f"{self._models.root} already holds model versions {self._models.versions()[-3:]}...; "
+                f"{self._models.root} already holds model versions {held[-3:]}...; "
                 "use a new output directory (or resume with the server store the federation ran with)"
             )
         first = self._engine.plan(1, wanted=self.config.clients_per_round)
@@ -238,6 +273,9 @@ class FederatedServer:
             self._next_round, self._resumable = resumption.next_round, resumption.open_round
             self._selector.load_json(self._journal.load_setting(RoundSelector.SETTING))
             self._safeguards.load_state(self._journal.load_setting(TRUST_SETTING))
+            self._safeguards.load_privacy(self._journal.load_setting(PRIVACY_SETTING))
+        if self._clusters is not None:  # the stored clusters of this version, or the root alone
+            self._engine.weights = self._clusters.begin(self._engine.weights, self._engine.model_version, self.strategy)
         if self._engine.late is not None:
             self._engine.late.resume(self._engine.model_version)
         if self.asynchronous is not None:  # FedBuff continues its buffer; the open round is its record
@@ -297,7 +335,7 @@ class FederatedServer:
             result = self._finish(self._engine.resume(opened))
             if on_round is not None:
                 on_round(result)
-        while self._next_round <= self.config.rounds:
+        while self._next_round <= self.config.rounds and not self._safeguards.stopped:
             result = self.run_round(self._next_round)
             if on_round is not None:
                 on_round(result)
@@ -305,7 +343,8 @@ class FederatedServer:
 
     def run_round(self, number: int) -> RoundResult:
         started = self._clock()
-        self.wait_for_devices(self.config.min_clients, self.config.wait_for_clients_s)
+        if not self._safeguards.stop_reason():  # a spent privacy budget ends the federation at once
+            self.wait_for_devices(self.config.min_clients, self.config.wait_for_clients_s)
         self._next_round = max(self._next_round, number + 1)
         return self._finish(self._engine.run_round(number, started=started))
 
@@ -349,6 +388,8 @@ class FederatedServer:
     def _save_version(self, version: int, meta: dict[str, object]) -> None:
         if self._models is None:
             return
+        if self._clusters is not None:  # models/cluster-<id>/v<cluster version>, lineage in meta
+            return self._clusters.save_files(self._models.root, version, meta)
         if self._models.has(version):  # a resumed federation whose files got ahead of its store
             log.warning("%s already holds model version %d; not overwritten", self._models.root, version)
             return

@@ -4,7 +4,8 @@
 constructor: a bad strategy table or selection setting is a :class:`ConfigError` before anything
 connects. ``rounds`` counts the rounds of the whole federation: a server resumed from its store
 continues the numbering and stops after round ``rounds``. The ``robust`` and ``trust`` tables are
-described in :mod:`broker_server.robust_config`.
+described in :mod:`broker_server.robust_config`; the ``privacy`` table (central DP) in
+:mod:`broker_server.privacy.config`, with the settings it cannot be combined with refused here.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker_server.async_config import AsyncSettings, parse_async
+from broker_server.cluster_config import check_clusters
+from broker_server.privacy.config import CentralDPConfig
 from broker_server.robust import TrustConfig
 from broker_server.robust_config import RobustSettings, parse_trust
 from broker_server.rollout_config import RolloutSettings, parse_rollout
 from broker_server.selection import SelectionPolicy
 from broker_server.strategies import FedAvg, FedAvgConfig, Strategy, parse_strategy
+from broker_server.strategies.clustering import ClusterConfig
+from broker_server.strategies.config import parse_cluster_config
 from edge_agent.codecs import CodecSpec
 from edge_agent.errors import ConfigError
 from edge_agent.protocol.messages import MIN_CHUNK_BYTES
@@ -88,6 +93,12 @@ class ServerConfig:
     #: staged rollout of announced model versions as a table (keys: broker_server.rollout_config);
     #: None: every device is offered the announced version
     rollout: Mapping[str, Any] | None = None
+    #: central differential privacy as a table (keys: broker_server.privacy.config; docs/privacy.md);
+    #: None: off. ``clients_per_round`` defaults to the server's and must equal it.
+    privacy: Mapping[str, Any] | None = None
+    #: clustered FL as a table (keys: broker_server.strategies.clustering.ClusterConfig): one model
+    #: per cluster of devices, split by update similarity (broker_server.cluster_rounds); None: off
+    clusters: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -130,6 +141,8 @@ class ServerConfig:
         self.make_strategy()  # ConfigError naming the bad strategy key
         self.trust_config()  # ConfigError naming the bad trust key
         self.rollout_settings()  # ConfigError naming the bad rollout key
+        check_clusters(self)  # ConfigError naming the bad clusters key or the combination it cannot run
+        self.privacy_config()  # ConfigError naming the bad privacy key or the combination DP cannot keep
         robust = self.robust_settings()  # ConfigError naming the bad robust key
         if robust is not None and robust.min_updates > self.clients_per_round:
             raise ConfigError(
@@ -164,9 +177,47 @@ class ServerConfig:
         """The parsed ``rollout`` table (None: no staged rollouts)."""
         return parse_rollout(self.rollout)
 
+    def privacy_config(self) -> CentralDPConfig | None:
+        """The parsed ``privacy`` table (None: central DP off); refuses what would void the guarantee."""
+        if self.privacy is None:
+            return None
+        if not isinstance(self.privacy, Mapping):
+            raise ConfigError(f"privacy must be a table, got {self.privacy!r}")
+        table = dict(self.privacy)
+        table.setdefault("clients_per_round", self.clients_per_round)
+        config = CentralDPConfig.parse(table)
+        for key, why in _dp_conflicts(self):
+            raise ConfigError(f"{key}: {why} cannot be combined with central DP (privacy table); docs/privacy.md")
+        if config.clients_per_round != self.clients_per_round:
+            raise ConfigError(
+                f"privacy.clients_per_round ({config.clients_per_round}) must equal clients_per_round "
+                f"({self.clients_per_round}): it is both the tasks a round sends and the mean's fixed denominator"
+            )
+        return config
+
+    def cluster_settings(self) -> ClusterConfig | None:
+        """The parsed ``clusters`` table (None: clustered FL off)."""
+        return parse_cluster_config(self.clusters)
+
     def trust_config(self) -> TrustConfig | None:
         """The parsed ``trust`` table (None: tiered trust off)."""
         return parse_trust(self.trust)
+
+
+def _dp_conflicts(config: ServerConfig) -> list[tuple[str, str]]:
+    """The settings that break central DP's assumptions (each device: one update, weight 1, clipped)."""
+    found = []
+    if config.mode != "sync":
+        found.append(("mode", "'async' (FedBuff: no per-round sampling for the accountant)"))
+    if config.late_updates != "drop":
+        found.append(("late_updates", "'async' (a straggler's update would join a later round unclipped)"))
+    if config.robust:
+        found.append(("robust", "a robust rule (its own weighting and buffering)"))
+    if config.trust is not None:
+        found.append(("trust", "tiered trust (per-device weights past the clip norm)"))
+    if config.over_selection != 1.0:
+        found.append(("over_selection", "over-selection (the round must send exactly clients_per_round tasks)"))
+    return found
 
 
 @dataclass(frozen=True)
@@ -190,3 +241,9 @@ class RoundResult:
     train_metrics: dict[str, float] = field(default_factory=dict)
     test_loss: float | None = None
     test_accuracy: float | None = None
+    #: seconds from the round's collected updates to the next model (robust rule or mean, strategy
+    #: step), None when the round made no model (the streaming fold itself happens as updates arrive)
+    aggregation_s: float | None = None
+    #: clustered FL: cluster id (as text) -> test accuracy of that cluster's model after the round;
+    #: ``test_loss``/``test_accuracy`` are then the unweighted means over the clusters
+    cluster_accuracy: dict[str, float] = field(default_factory=dict)

@@ -148,6 +148,7 @@ class Agent:
             codec_preferences=self.config.codec_preferences,
             error_feedback=self.config.error_feedback,
             validation=self._validation,
+            local_dp=self.config.local_dp(),
         )
 
     def _switch_model(self, bundle_dir: Path) -> None:

@@ -3,12 +3,16 @@ config file, :mod:`edge_agent.config`; tests and the demo build it directly)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edge_agent.codecs import DEFAULT_PREFERENCES, CodecSpec
 from edge_agent.errors import ConfigError, FedflockError
+from edge_agent.privacy import LocalDP, LocalDPConfig
 from edge_agent.protocol.messages import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import Topics, validate_device_id
 from edge_agent.store import StoreConfig
@@ -37,6 +41,9 @@ class AgentConfig:
     result_ttl_s: float = 72 * 3600.0
     #: the inbox/outbox's limits and retention (edge_agent.store)
     store: StoreConfig = field(default_factory=StoreConfig)
+    #: local differential privacy (edge_agent.privacy): every update is clipped and noised on the
+    #: device before the codec; None: off
+    privacy: LocalDPConfig | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.device_id)
@@ -50,3 +57,10 @@ class AgentConfig:
                     CodecSpec.parse(name)
                 except FedflockError as exc:
                     raise ConfigError(f"codec preference for {network!r}: {exc.reason}") from exc
+
+    def local_dp(self) -> LocalDP | None:
+        """The device's local DP (None: off), its noise seeded from the OS's CSPRNG, never from
+        ``seed``: noise anyone can regenerate protects nothing."""
+        if self.privacy is None:
+            return None
+        return LocalDP(self.privacy, rng=np.random.default_rng(secrets.randbits(128)))

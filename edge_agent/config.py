@@ -40,6 +40,15 @@ relative to the config file. Example (also :data:`AGENT_CONFIG_EXAMPLE`, which a
     chunk_kib = 256                  # uploads larger than this travel as acknowledged chunks
     error_feedback = true            # carry what a lossy codec dropped into the next update
     seed = 0                         # randomness: batch order, codec rounding, retry jitter
+
+    [privacy]                        # optional local DP (edge_agent.privacy; docs/privacy.md)
+    clip_norm = 1.0                  # C: the update is scaled to L2 norm <= C ...
+    noise_multiplier = 5.0           # ... and gets N(0, (z C)^2) noise before it is encoded
+    delta = 1e-5                     # the δ of the ε reported per round (UPDATE metric local_dp_epsilon)
+
+    [ota]                            # signed models (docs/security.md, "Signed artifacts")
+    trusted_keys = []                # Ed25519 public keys, 64 hex each (`fedflock pki signing-key`)
+    # trusted_keys_file = "/etc/fedflock/trusted_keys"  # and/or: one hex key a line
 """
 
 from __future__ import annotations
@@ -52,11 +61,14 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.codecs import DEFAULT_PREFERENCES
+from edge_agent.crypto.trust import TrustedKeys
 from edge_agent.datasources import DataConfig, parse_data_config
 from edge_agent.device.network import NetworkConfig
 from edge_agent.device.policy import Policy, parse_policy
 from edge_agent.device.state import NETWORK_KINDS
 from edge_agent.errors import ConfigError
+from edge_agent.ota.ota_config import parse_ota_table
+from edge_agent.privacy import LocalDPConfig
 from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import DEFAULT_PREFIX, validate_device_id
 from edge_agent.transport.mqtt_config import parse_broker_url, validate_protocol
@@ -66,7 +78,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 devices install tomli (pyproject marker)
     import tomli as tomllib
 
-_TOP_KEYS = {"device_id", "device_class", "state_dir", "bundle", "mqtt", "data", "policy", "network", "codecs", "agent"}
+_TOP_KEYS = {
+    *("device_id", "device_class", "state_dir", "bundle", "mqtt", "data", "policy", "network", "codecs", "agent"),
+    "privacy",
+    "ota",
+}
 _MQTT_KEYS = {"url", "username", "password_file", "ca_file", "cert_file", "key_file", "topic_prefix", "protocol"}
 _AGENT_KEYS = {"monitor_interval_s", "result_ttl_hours", "retention_days", "chunk_kib", "error_feedback", "seed"}
 
@@ -103,6 +119,10 @@ class AgentFileConfig:
     chunk_bytes: int = 256 * 1024
     error_feedback: bool = True
     seed: int = 0
+    #: ``[privacy]``: local DP on every update (None: off)
+    privacy: LocalDPConfig | None = None
+    #: ``[ota]`` trusted keys: MODELs and bundles must be signed by one (empty: not authenticated)
+    trusted_keys: TrustedKeys = field(default_factory=lambda: TrustedKeys(()))
 
 
 def load_agent_config(path: str | Path) -> AgentFileConfig:
@@ -160,6 +180,8 @@ def parse_agent_config(table: Mapping[str, Any], *, path: Path) -> AgentFileConf
         chunk_bytes=chunk_bytes,
         error_feedback=_bool(agent, "error_feedback", True, "agent."),
         seed=seed,
+        privacy=LocalDPConfig.parse(_table(table, "privacy")) if "privacy" in table else None,
+        trusted_keys=parse_ota_table(_table(table, "ota"), base),
     )
 
 

@@ -29,7 +29,7 @@ from edge_agent.device.load import ort_threads
 from edge_agent.device.monitor import MonitorConfig, ResourceMonitor
 from edge_agent.errors import BundleError, ConfigError, StorageError, TransportError
 from edge_agent.gate import working_set
-from edge_agent.ota import DownloadStaging, InstalledModel, ModelStore, ModelUpdater
+from edge_agent.ota import DownloadStaging, InstalledModel, ModelStore, ModelUpdater, UpdaterConfig
 from edge_agent.ota.validation import evaluation_validator
 from edge_agent.protocol.manifest import load_manifest
 from edge_agent.protocol.topics import Topics
@@ -105,6 +105,7 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
     from fedflock.wiring import configured_device_transport
 
     config = load_agent_config(path)
+    warn_if_unauthenticated(config)
     try:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # typically /var/lib/fedflock for a user who may not create it
@@ -131,6 +132,7 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         chunk_bytes=config.chunk_bytes,
         result_ttl_s=config.result_ttl_s,
         store=StoreConfig(retention_s=config.retention_s),
+        privacy=config.privacy,
     )
     transport = configured_device_transport(config, bundle_digest=bundle.digest, num_examples=len(split.train))
     agent = Agent(
@@ -148,6 +150,7 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
             DownloadStaging(paths.downloads),
             # the held-out rows when there are any: a rollout compares canary and baseline on them
             evaluation_validator(*validation_rows(split)),
+            config=UpdaterConfig(trusted_keys=config.trusted_keys),
         ),
         open_trainer=lambda new: OrtTrainer.open(new, threads=threads, lazy=True),
     )
@@ -166,6 +169,15 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         finally:
             agent.close()
     return 0
+
+
+def warn_if_unauthenticated(config: AgentFileConfig) -> None:
+    """One line at start: the keys models must be signed by, or that they are not authenticated."""
+    if config.trusted_keys:
+        log.info("models must be signed by a trusted key: %s", config.trusted_keys.describe())
+        return
+    tls = " (TLS authenticates the broker, not the bundles)" if config.mqtt.url.startswith("mqtts://") else ""
+    log.warning("no [ota] trusted_keys: bundles are not authenticated%s", tls)
 
 
 def start_when_reachable(agent: Any, stop: threading.Event, url: str) -> bool:

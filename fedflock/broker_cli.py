@@ -11,7 +11,9 @@ a crash or a restart resumes the federation (the open round continues until its 
 round numbering goes on, and ``rounds`` counts the rounds of the whole federation).
 
 ``--robust RULE[:VALUE]`` / ``[robust]`` chooses Byzantine-robust aggregation and ``--trust`` /
-``[trust]`` turns tiered trust on; see :mod:`broker_server.robust_config`. The server reaches a
+``[trust]`` turns tiered trust on; see :mod:`broker_server.robust_config`. ``--privacy-option`` /
+``[privacy]`` turns central differential privacy on (docs/privacy.md): the run ends, exit code 0,
+when the next round would pass the ε budget, and prints the ε spent. The server reaches a
 TLS or password-protected broker with the ``[mqtt]`` table (``mqtts://`` url, ``ca_file``,
 ``cert_file``/``key_file``, ``username``/``password_file``): these exist only in the file, as for
 the agent, so no secret path has two sources.
@@ -93,12 +95,19 @@ def run_server(settings: BrokerSettings) -> int:
     try:
         client_id = settings.client_id or f"fedflock-server-{uuid.uuid4().hex[:8]}"
         transport = MeteredTransport(configured_server_transport(settings.mqtt, client_id), metrics)
-        server = FederatedServer(transport, bundle, config, out_dir=settings.out, evaluator=evaluator, store=store)
+        server = FederatedServer(
+            transport, bundle, config, out_dir=settings.out, evaluator=evaluator, store=store, events=metrics
+        )
+        if settings.signing_key is not None:  # every MODEL announcement signed (docs/security.md)
+            from broker_server.pki.release_signer import ReleaseSigner
+
+            server.publisher.sign_with(ReleaseSigner.from_file(settings.signing_key).sign)
         started = threading.Event()
         with operations_endpoint(settings, server, metrics, started):
             server.start()
             started.set()
             metrics.set_model_version(server.model_version)
+            observe_privacy(server, metrics)
             try:
                 results = server.run(on_round=lambda result: observe_round(server, metrics, result))
             finally:
@@ -109,17 +118,33 @@ def run_server(settings: BrokerSettings) -> int:
     settings.out.mkdir(parents=True, exist_ok=True)
     write_metrics(settings.out, results, baseline=server.baseline)
     print(f"{sum(r.completed for r in results)}/{len(results)} rounds completed; metrics in {settings.out}")
+    if (privacy := server.privacy) is not None:
+        ended = f"; {server.stopped}" if server.stopped else ""
+        print(
+            f"central DP: ε={privacy['epsilon_spent']:.4f} spent of {privacy['epsilon_budget']:g} "
+            f"(δ={privacy['delta']:g}, {privacy['rounds_charged']} rounds charged){ended}"
+        )
     return 0
 
 
 def observe_round(server: Any, metrics: ServerMetrics, result: Any) -> None:
     metrics.round_finished(result)
+    if result.aggregation_s is not None:
+        metrics.aggregation_took(result.aggregation_s)
     metrics.set_model_version(server.model_version)
     records = server.registry.records()
     metrics.devices(sum(r.online for r in records), len(records))
     reputation = server.reputation
     metrics.trust_observed(server.trust_events, len(reputation.quarantined) if reputation is not None else 0)
     metrics.robust_observed(server.robust_round)
+    observe_privacy(server, metrics)
+
+
+def observe_privacy(server: Any, metrics: ServerMetrics) -> None:
+    """Central DP's ε spent and budget as gauges (nothing when DP is off)."""
+    privacy = server.privacy
+    if privacy is not None:
+        metrics.privacy_observed(privacy["epsilon_spent"], privacy["epsilon_budget"])
 
 
 def operations_endpoint(
@@ -143,6 +168,8 @@ def operations_endpoint(
             trust_events=list(server.trust_events),
             rollout=server.publisher.rollout.state if server.publisher.rollout is not None else None,
             rollout_now=time.time(),  # the rollout runs on the server's wall clock
+            clusters=server.cluster_status(),
+            privacy=server.privacy,
         )
 
     return OpsServer(settings.ops.host, settings.ops.port, metrics=metrics, status=status, ready=started.is_set)

@@ -11,8 +11,9 @@ run-time settings (an annotated example: ``deploy/broker/broker.toml``; every ke
     [selection]       over_selection, stratify, max_rounds_per_window, budget_window_s
     [codecs]          offer, chunk_bytes
     [ops]             port, host
+    [ota]             signing_key (a PEM Ed25519 key, 0600: every MODEL is signed; docs/security.md)
     [hyperparameters] NAME = number or [numbers], sent in every task
-    [strategy] [robust] [trust] [asynchronous] [rollout]   passed to ServerConfig as tables
+    [strategy] [robust] [trust] [asynchronous] [rollout] [privacy] [clusters]   passed to ServerConfig as tables
 
 **Precedence.** Built-in defaults, then the file, then the flags given on the command line: a flag
 overrides the file key it names (table ``FLAG_KEYS``), whatever its value. ``--freeze`` and
@@ -106,10 +107,12 @@ FIXED_TABLES: dict[str, tuple[str, ...]] = {
     "selection": ("over_selection", "stratify", "max_rounds_per_window", "budget_window_s"),
     "codecs": ("offer", "chunk_bytes"),
     "ops": ("port", "host"),
+    "ota": ("signing_key",),
 }
 #: tables whose keys their own parsers check (ServerConfig, the strategy, robust, trust, async and rollout parsers)
-OPEN_TABLES = ("hyperparameters", "strategy", "robust", "trust", "asynchronous", "rollout")
+OPEN_TABLES = ("hyperparameters", "strategy", "robust", "trust", "asynchronous", "rollout", "privacy", "clusters")
 _PATH_KEYS = {"server": ("bundle", "out", "test_data"), "mqtt": ("password_file", "ca_file", "cert_file", "key_file")}
+_PATH_KEYS["ota"] = ("signing_key",)
 
 #: the flag (argparse dest) that overrides each file key (``--round-timeout`` sets server.round_timeout_s)
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -170,6 +173,8 @@ class BrokerSettings:
     #: the server's MQTT client id (None: ``fedflock-server-<random>`` per start)
     client_id: str | None = None
     ops: OpsSettings = OpsSettings()
+    #: ``[ota] signing_key``: sign every MODEL with this Ed25519 key (None: unsigned)
+    signing_key: Path | None = None
 
 
 def read_document(path: Path) -> Document:
@@ -261,6 +266,8 @@ def build_settings(doc: Document) -> BrokerSettings:
         asynchronous=doc.get("asynchronous", {}),
         late_updates=_choice(server, "server", "late_updates", ServerConfig.late_updates, ("drop", "async")),
         rollout=doc.get("rollout"),
+        privacy=doc.get("privacy"),
+        clusters=doc.get("clusters"),
     )
     ops = doc.get("ops", {})
     port = _opt_int(ops, "ops", "port")
@@ -278,7 +285,15 @@ def build_settings(doc: Document) -> BrokerSettings:
         mqtt=mqtt,
         client_id=client_id,
         ops=OpsSettings(port=port, host=_str(ops, "ops", "host", DEFAULT_OPS_HOST)),
+        signing_key=_signing_key(doc.get("ota", {})),
     )
+
+
+def _signing_key(ota: Mapping[str, Any]) -> Path | None:
+    value = _opt(ota.get("signing_key"), "ota.signing_key", str, "the path of a PEM Ed25519 private key")
+    if value is not None and not Path(value).is_file():
+        raise ConfigError(f"ota.signing_key: {value} is not a file (make one: fedflock pki signing-key)")
+    return None if value is None else Path(value)
 
 
 # -- value checks: every message names the key (and the flag that sets it) ----------------------

@@ -126,6 +126,14 @@ def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="a trust setting, e.g. quarantine_after=5, outlier_sigma=4, probation_rounds=10 (repeatable)",
     )
+    arg(
+        "--privacy-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="central differential privacy (docs/privacy.md): a [privacy] key, e.g. epsilon=3, delta=1e-5, "
+        "clip_norm=1.0, population=500, noise_multiplier=1.1 (or rounds=30); giving any turns DP on (repeatable)",
+    )
     arg("--mode", choices=("sync", "async"), default=None, help="sync rounds (default) or buffered async (FedBuff)")
     arg(
         "--async-option",
@@ -201,6 +209,7 @@ def flag_layer(args: argparse.Namespace) -> FlagLayer:
         ("robust", args.robust_option, "--robust-option"),
         ("trust", args.trust_option, "--trust-option"),
         ("asynchronous", args.async_option, "--async-option"),
+        ("privacy", args.privacy_option, "--privacy-option"),
     ):
         if items:
             options[table] = _options(dict(tables.get(table, {})), items, flag)

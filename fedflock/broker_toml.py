@@ -31,6 +31,9 @@ _TABLE_ORDER = (
     "trust",
     "asynchronous",
     "rollout",
+    "clusters",
+    "privacy",
+    "ota",
 )
 
 
@@ -91,8 +94,12 @@ def settings_document(settings: BrokerSettings) -> Document:
         "trust": config.trust,  # {} is "on, with the defaults"
         "asynchronous": config.asynchronous or None,
         "rollout": config.rollout,
+        "clusters": config.clusters,
+        "privacy": config.privacy,
     }
     doc.update({name: dict(table) for name, table in optional.items() if table is not None})
+    if settings.signing_key is not None:
+        doc["ota"] = {"signing_key": str(settings.signing_key)}
     return doc
 
 

@@ -21,7 +21,11 @@ The server calls one method per event, from any thread; :meth:`ServerMetrics.ren
 ``robust_updates_total{effect}``            counter    updates a robust rule left out of the aggregate
                                                        (``excluded``: not among Krum's picks) or scaled
                                                        down (``clipped``: norm clipping)
+``dp_epsilon_spent``                        gauge      central DP: ε the accountant has charged so far
+``dp_epsilon_budget``                       gauge      central DP: the ε budget (training stops before it)
 ==========================================  =========  ==================================================
+
+The two DP gauges appear once :meth:`ServerMetrics.privacy_observed` was called (central DP on).
 
 Tiered trust and the robust rules are fed once per finished round from the server's state
 (:meth:`ServerMetrics.trust_observed`, :meth:`ServerMetrics.robust_observed`); both count only
@@ -156,6 +160,9 @@ class ServerMetrics:
         )
         for effect in ROBUST_EFFECTS:
             self._robust.declare(effect=effect)
+        self._dp_spent = Gauge("fedflock_dp_epsilon_spent", "Central DP: epsilon spent so far (at the budget's delta).")
+        self._dp_budget = Gauge("fedflock_dp_epsilon_budget", "Central DP: the epsilon budget.")
+        self._dp_on = False
         #: the newest round whose trust decisions / robust outcome were counted
         self._trust_round = 0
         self._robust_round = 0
@@ -180,7 +187,8 @@ class ServerMetrics:
 
     def render(self) -> str:
         """The text exposition format 0.0.4 (:data:`~broker_server.ops.prometheus.CONTENT_TYPE`)."""
-        return render(self._families)
+        families = self._families + ((self._dp_spent, self._dp_budget) if self._dp_on else ())
+        return render(families)
 
     # -- events the server reports ---------------------------------------------------------------
 
@@ -239,6 +247,12 @@ class ServerMetrics:
                     newest = max(newest, event.round)
             self._trust_round = newest
         self._quarantined.set(quarantined)
+
+    def privacy_observed(self, epsilon_spent: float, epsilon_budget: float) -> None:
+        """Central DP's accountant now: ε spent and the budget (call at start and after every round)."""
+        self._dp_spent.set(epsilon_spent)
+        self._dp_budget.set(epsilon_budget)
+        self._dp_on = True
 
     def robust_observed(self, outcome: RobustOutcome | None) -> None:
         """Count what the robust rule did in a round (once per round; None: nothing to count)."""

@@ -18,7 +18,16 @@
                         "canary_mean", "canary_reports", "baseline_mean", "baseline_reports",
                         "blockers"}},
      "trust": null | {"quarantined": [{"device_id", "reason", "score", "strikes"}, ...],
-                      "recent": [{"device_id", "round", "action", "reason", "score"}, ...]}}
+                      "recent": [{"device_id", "round", "action", "reason", "score"}, ...]},
+     "privacy": null | {"mode": "central", "epsilon_spent", "epsilon_budget", "delta",
+                        "rounds_charged", "rounds_remaining", "noise_multiplier", "clip_norm",
+                        "sampling_rate", "clients_per_round", "population", "adaptive_clipping",
+                        "exhausted"}}
+
+``privacy`` is ``FederatedServer.privacy`` (central DP's accountant; null when DP is off).
+``clusters`` is ``FederatedServer.cluster_status()`` (clustered FL; null when off): per cluster
+``{"cluster_id", "members", "version", "parent": null | {"cluster_id", "version"}, "round",
+"test_accuracy"}``, by id (``members`` counts assigned devices; the root also trains unknown ones).
 
 A device is ``eligible`` exactly as :meth:`DeviceRegistry.eligible` decides: online, holding the
 bundle the server trains, and not having reported that it cannot train now. ``reasons`` says why
@@ -213,6 +222,8 @@ def build_status(
     last_rounds: int = 50,
     reputation: Reputation | None = None,
     trust_events: Sequence[TrustDecision] = (),
+    privacy: Mapping[str, Any] | None = None,
+    clusters: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The status document (see the module docstring); ``rounds`` oldest first, the last ``last_rounds`` kept.
 
@@ -241,4 +252,6 @@ def build_status(
         "rounds": [round_view(r) for r in kept],
         "rollout": rollout_view(rollout, now=rollout_now) if rollout is not None else None,
         "trust": trust_view(reputation, trust_events) if reputation is not None else None,
+        "privacy": dict(privacy) if privacy is not None else None,
+        "clusters": [dict(c) for c in clusters] if clusters is not None else None,
     }

@@ -7,6 +7,13 @@ point in opposing directions (average cosine similarity below ``threshold``) the
 with :meth:`ClusterAssignments.split`, each part continuing from the parent's model, so clusters
 form recursively over rounds. Devices the assignments do not know train the root cluster 0.
 
+**When to split** (:func:`check_split`, CFL's criterion): only a cluster whose FedAvg has become
+*stationary* — its weighted mean update is small next to its members' updates,
+``‖mean‖ < stationarity × max_i ‖Δ_i‖`` (CFL's ε1, here relative so one default fits every
+model scale) — while some member still moves, ``max_i ‖Δ_i‖ > min_update_norm`` (CFL's ε2,
+absolute), and whose updates fall into groups with mean cosine similarity below ``threshold``.
+The server side is :mod:`broker_server.cluster_rounds`.
+
 **Algorithm.** Agglomerative clustering, average linkage on the cosine similarity of the
 flattened updates: start with one cluster per update, repeatedly merge the two clusters with the
 highest mean pairwise similarity while it is ``>= threshold`` (and, beyond that, while there are
@@ -49,6 +56,12 @@ class ClusterConfig:
     threshold: float = 0.0
     #: most updates clustered at once; bounds the memory (see the module docstring)
     max_devices: int = 64
+    #: CFL's ε1, relative to the largest member update: a cluster is *stationary* (a split
+    #: candidate) when ``‖weighted mean update‖ < stationarity × max_i ‖Δ_i‖``, in (0, 1]
+    stationarity: float = 0.5
+    #: CFL's ε2: split only while ``max_i ‖Δ_i‖ > min_update_norm`` (0: any non-zero update);
+    #: raise it to the update norm of a converged model so noise alone never splits a cluster
+    min_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("max_clusters", "max_devices"):
@@ -57,10 +70,57 @@ class ClusterConfig:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
         if not -1.0 <= number(self.threshold, "threshold") <= 1.0:
             raise ConfigError(f"threshold must be in [-1, 1], got {self.threshold!r}")
+        if not 0.0 < number(self.stationarity, "stationarity") <= 1.0:
+            raise ConfigError(f"stationarity must be in (0, 1], got {self.stationarity!r}")
+        if not number(self.min_update_norm, "min_update_norm") >= 0.0:
+            raise ConfigError(f"min_update_norm must be a number >= 0, got {self.min_update_norm!r}")
 
     def memory_bytes(self, model_parameters: int) -> int:
         """Upper bound of one round's clustering memory: float32 updates plus two similarity matrices."""
         return self.max_devices * model_parameters * 4 + 2 * self.max_devices**2 * 8
+
+
+@dataclass(frozen=True)
+class SplitCheck:
+    """CFL's split test for one cluster's round: the norms it compared and the proposed groups."""
+
+    #: ``‖Σ w_i Δ_i / Σ w_i‖`` and ``max_i ‖Δ_i‖``
+    mean_norm: float
+    max_norm: float
+    #: one label per update (from :func:`cluster_updates`); None when the cluster stays whole
+    labels: np.ndarray | None
+    #: why it stays whole ("" when it splits)
+    reason: str
+
+
+def check_split(rows: np.ndarray, weights: np.ndarray, config: ClusterConfig) -> SplitCheck:
+    """Whether a cluster whose members sent ``rows`` (``n × d``, weights ``n``) splits, per CFL.
+
+    It splits when it is stationary (``mean_norm < stationarity × max_norm``), some update is
+    still large (``max_norm > min_update_norm``), and :func:`cluster_updates` finds more than one
+    group (groups whose mean cosine similarity is below ``threshold``).
+    """
+    n = rows.shape[0]
+    if weights.shape != (n,):
+        raise ValueError(f"need one weight per row: {n} rows, weights of shape {weights.shape}")
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64)) if n else np.zeros(0)
+    mean = (weights.astype(np.float64) @ rows.astype(np.float64)) / float(weights.sum()) if n else np.zeros(0)
+    mean_norm, max_norm = float(np.linalg.norm(mean)), float(norms.max()) if n else 0.0
+    reason = ""
+    if n < 2:
+        reason = f"{n} member update(s); a split needs 2"
+    elif not max_norm > config.min_update_norm:
+        reason = f"largest update norm {max_norm:.4g} <= min_update_norm {config.min_update_norm:g}"
+    elif not mean_norm < config.stationarity * max_norm:
+        reason = f"not stationary: mean norm {mean_norm:.4g} >= {config.stationarity:g} x max norm {max_norm:.4g}"
+    if reason:
+        return SplitCheck(mean_norm, max_norm, None, reason)
+    labels = cluster_updates(rows, max_clusters=config.max_clusters, threshold=config.threshold)
+    if int(labels.max()) == 0:
+        return SplitCheck(
+            mean_norm, max_norm, None, f"the updates agree (similarity >= threshold {config.threshold:g})"
+        )
+    return SplitCheck(mean_norm, max_norm, labels, "")
 
 
 def cosine_similarity(updates: Updates) -> np.ndarray:

@@ -183,3 +183,31 @@ def test_server_config_rejects_nonsense() -> None:
         ServerConfig(rounds=0)
     with pytest.raises(ConfigError):
         ServerConfig(clients_per_round=2, min_reports=3)
+
+
+def test_counted_updates_rejections_and_aggregation_time_reach_the_metrics(fleet, digits_bundle) -> None:
+    from broker_server.ops import ServerMetrics
+    from fedflock.broker_cli import observe_round
+
+    broker, _, _ = fleet
+    metrics = ServerMetrics()
+    server = FederatedServer(
+        InMemoryTransport(broker, "server"),
+        digits_bundle,
+        ServerConfig(rounds=2, clients_per_round=3, min_clients=4, wait_for_clients_s=10, round_timeout_s=30),
+        events=metrics,
+    )
+    server.start()
+    forger = InMemoryTransport(broker, "forger")
+    forger.start()
+    forger.publish(Topics().results("mem-0"), b"not an envelope", qos=1)
+    results = server.run(on_round=lambda result: observe_round(server, metrics, result))
+    server.close()
+    text = metrics.render()
+    assert all(r.completed and r.aggregation_s is not None and r.aggregation_s >= 0 for r in results)
+    counted = sum(r.reported for r in results)
+    assert counted == 6
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
+    assert sum(v for k, v in lines.items() if k.startswith("fedflock_updates_accepted_total")) == counted
+    assert lines['fedflock_updates_rejected_total{reason="malformed_message"}'] == 1
+    assert lines["fedflock_aggregation_seconds_count"] == 2

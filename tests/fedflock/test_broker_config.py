@@ -187,7 +187,10 @@ def test_the_shipped_example_parses(tmp_path: Path) -> None:
             r"unknown key mqtt\.host \(known: ca_file, cert_file, client_id",
         ),
         ('[server]\nbundle = "b"\n[selection]\nk = 3\n', r"unknown key selection\.k"),
-        ('[server]\nbundle = "b"\n[servers]\n', r"unknown table or key 'servers' \(known tables: asynchronous, codecs"),
+        (
+            '[server]\nbundle = "b"\n[servers]\n',
+            r"unknown table or key 'servers' \(known tables: asynchronous, clusters, codecs",
+        ),
         ('rounds = 3\n[server]\nbundle = "b"\n', r"rounds: put it in the \[server\] table"),
         ("server = 3\n", r"server: expected a table"),
         ("[server]\nrounds = 3\n", r"server\.bundle \(--bundle\): missing"),
