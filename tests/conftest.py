@@ -43,4 +43,4 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
 
 
 # The digits bundle, exported once per session (tests/fixtures.py).
-from tests.fixtures import digits_bundle  # noqa: E402,F401
+from tests.fixtures import digits_bundle, mlp_bundle  # noqa: E402,F401

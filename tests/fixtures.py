@@ -37,6 +37,14 @@ def write_npz(path: Path, data: Dataset) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlp_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The server tests' MLP with BatchNorm and FedProx (tests/broker_server/fake_fleet.py), exported once."""
+    from tests.broker_server.fake_fleet import export_mlp_bundle
+
+    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+
+
+@pytest.fixture(scope="session")
 def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """The demo CNN exported once per test session (export takes ~10 s)."""
     return export_digits_bundle(tmp_path_factory.mktemp("bundle") / "digits")

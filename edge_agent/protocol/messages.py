@@ -142,8 +142,9 @@ class TaskMessage:
     #: the task's nonce, echoed in its UPDATE (protocol.binding; "" from a server without binding)
     nonce: str = ""
     #: sha256 of the tensor-set payload this TASK arrived with: filled by :func:`decode_message`,
-    #: not a header field ("" on a TASK built in memory); the UPDATE's ``base_digest``
-    weights_digest: str = ""
+    #: not a header field ("" on a TASK built in memory); the UPDATE's ``base_digest``. Derived from
+    #: the payload, so it takes no part in equality (a decoded TASK equals the one encoded)
+    weights_digest: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

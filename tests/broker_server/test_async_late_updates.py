@@ -11,12 +11,11 @@ from broker_server.server import FederatedServer, ServerConfig
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
 from tests.broker_server.async_devices import ScriptedDevice
-from tests.broker_server.fake_fleet import export_mlp_bundle
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def delta(device: ScriptedDevice, round_: int, name: str) -> np.ndarray:

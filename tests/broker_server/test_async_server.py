@@ -18,14 +18,13 @@ from edge_agent.protocol.topics import RESULTS
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
 from tests.broker_server.async_devices import TOPICS, ScriptedDevice, wait_for
-from tests.broker_server.fake_fleet import export_mlp_bundle
 
 Tensors = dict[str, np.ndarray]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def async_server(broker: InMemoryBroker, bundle: Bundle, table: dict[str, object], **kw: object) -> FederatedServer:

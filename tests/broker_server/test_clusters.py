@@ -28,7 +28,7 @@ from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import TaskMessage, UpdateMessage, encode_message
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import FakeDevice, export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import FakeDevice, fake_fleet
 
 Tensors = dict[str, np.ndarray]
 
@@ -85,8 +85,8 @@ def assert_weights(actual: Tensors, expected: Tensors) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def config(rounds: int, **kw: object) -> ServerConfig:

@@ -30,7 +30,7 @@ from edge_agent.protocol.messages import TaskMessage, UpdateMessage, encode_mess
 from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import FakeDevice, device_delta, export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import FakeDevice, device_delta, fake_fleet
 
 Tensors = dict[str, np.ndarray]
 HONEST = ["dp-a", "dp-b", "dp-c"]
@@ -40,8 +40,8 @@ DELTA = 1e-5
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def norm(tensors: Tensors) -> float:

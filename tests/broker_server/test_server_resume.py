@@ -22,7 +22,7 @@ from broker_server.server import FederatedServer, ServerConfig
 from edge_agent.errors import ConfigError
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import FakeDevice, expected_mean, export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import FakeDevice, expected_mean, fake_fleet
 
 
 class SimulatedCrash(Exception):
@@ -40,8 +40,8 @@ class CrashableClock:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.base import InboundMessage
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import FakeDevice, device_delta, export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import FakeDevice, device_delta, fake_fleet
 
 Tensors = dict[str, np.ndarray]
 HONEST = [f"honest-{i}" for i in range(7)]
@@ -38,8 +38,8 @@ SKEW = dict(zip(HONEST, (0.3, 0.45, 0.6, 0.75, 0.9, 1.05, 1.2), strict=True))
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def shared_direction(specs: tuple[TensorSpec, ...]) -> Tensors:

@@ -24,7 +24,7 @@ from broker_server.server import FederatedServer
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import fake_fleet
 from tests.broker_server.test_server_robust import HONEST, ScriptedDevice, attack_delta, config, honest_delta
 
 Tensors = dict[str, np.ndarray]
@@ -32,8 +32,8 @@ SETTINGS = {"clients_per_round": 4, "min_clients": 4, "robust": {"rule": "median
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 @pytest.fixture

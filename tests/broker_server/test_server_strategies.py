@@ -22,12 +22,12 @@ from edge_agent.presence import offline_will
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import FakeDevice, expected_mean, export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import FakeDevice, expected_mean, fake_fleet
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def config(**kw: object) -> ServerConfig:

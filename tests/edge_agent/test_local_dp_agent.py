@@ -18,7 +18,6 @@ from edge_agent.protocol.messages import TaskMessage, UpdateMessage
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import OrtTrainer
 from edge_agent.task_runner import TaskRunner
-from tests.broker_server.fake_fleet import export_mlp_bundle
 
 AGENT_TOML = """
 device_id = "dp-dev"
@@ -30,8 +29,8 @@ path = "data.npz"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def parse(extra: str, tmp_path: Path):

@@ -52,6 +52,7 @@ class Scripted:
         self.link = transport(url, "b")
         self.bundle = bundle
         self.tasks: queue.Queue[TaskMessage] = queue.Queue()
+        self.stopped = threading.Event()
 
     def start(self) -> None:
         self.link.start()
@@ -61,7 +62,7 @@ class Scripted:
         threading.Thread(target=self._receive, daemon=True).start()
 
     def _receive(self) -> None:
-        while True:
+        while not self.stopped.is_set():  # a closed link returns at once: never spin after close
             inbound = self.link.receive(timeout=0.2)
             if inbound is not None:
                 task = decode_message(inbound.payload)
@@ -89,6 +90,7 @@ class Spy:
     def __init__(self, url: str) -> None:
         self.link = transport(url, "spy")
         self.captured: dict[int, bytes] = {}
+        self.stopped = threading.Event()
 
     def start(self) -> None:
         self.link.start()
@@ -96,7 +98,7 @@ class Spy:
         threading.Thread(target=self._receive, daemon=True).start()
 
     def _receive(self) -> None:
-        while True:
+        while not self.stopped.is_set():  # a closed link returns at once: never spin after close
             inbound = self.link.receive(timeout=0.2)
             if inbound is not None:
                 message = decode_message(inbound.payload)
@@ -178,6 +180,8 @@ def test_replayed_cross_round_and_cross_device_updates_are_refused_and_duplicate
         stop.set()
         runner.join(timeout=20)
         agent.close()
+        b.stopped.set()
+        spy.stopped.set()
         for link in (b.link, spy.link, attacker):
             link.close()
         server.close()

@@ -33,7 +33,6 @@ from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.trainer import OrtTrainer
 from fedflock.wiring import device_transport
-from tests.broker_server.fake_fleet import export_mlp_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "restart/v1"
@@ -41,8 +40,8 @@ EXAMPLES = (30, 45, 60)
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def broker_command(url: str, bundle: Bundle, tmp: Path) -> list[str]:

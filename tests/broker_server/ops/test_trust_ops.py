@@ -14,7 +14,7 @@ from broker_server.safeguards import RobustRound
 from broker_server.server import FederatedServer
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.broker_server.fake_fleet import export_mlp_bundle, fake_fleet
+from tests.broker_server.fake_fleet import fake_fleet
 from tests.broker_server.ops.test_dashboard_chromium import Node, dashboard  # noqa: F401  (a fixture)
 from tests.broker_server.ops.test_metrics import scrape
 from tests.broker_server.ops.test_status import sample_status
@@ -116,8 +116,8 @@ def test_trust_reasons_are_clipped() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    return export_mlp_bundle(tmp_path_factory.mktemp("mlp"))
+def bundle(mlp_bundle: Bundle) -> Bundle:
+    return mlp_bundle  # exported once per session (tests/fixtures.py)
 
 
 def observe(server: FederatedServer, metrics: ServerMetrics) -> None:
