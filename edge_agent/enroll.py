@@ -17,9 +17,7 @@ without it can enroll for a password instead (``credential="password"``): ``OUT/
 from __future__ import annotations
 
 import json
-import os
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_agent.errors import ConfigError, StorageError, TransportError
+from edge_agent.errors import ConfigError, TransportError
+from edge_agent.files import atomic_write
 from edge_agent.protocol.topics import validate_device_id
 
 __all__ = ["CREDENTIALS", "EnrollRequest", "EnrollResult", "enroll"]
@@ -71,7 +70,7 @@ def enroll(request: EnrollRequest) -> EnrollResult:
     key_path = request.out_dir / "device.key"
     if request.credential == "certificate":
         key_pem, csr_pem = _key_and_csr()
-        _write(key_path, key_pem, 0o600)
+        atomic_write(key_path, key_pem, 0o600)
         body["csr"] = csr_pem.decode("ascii")
     else:
         body["credential"] = "password"
@@ -81,7 +80,7 @@ def enroll(request: EnrollRequest) -> EnrollResult:
     if request.expected_device_id is not None and device_id != request.expected_device_id:
         raise ConfigError(f"the token enrolls {device_id!r}, not {request.expected_device_id!r}")
     ca_path = request.out_dir / "ca.crt"
-    _write(ca_path, _field(reply, "ca_certificate").encode("ascii"), 0o644)
+    atomic_write(ca_path, _field(reply, "ca_certificate").encode("ascii"), 0o644)
     files: tuple[Path, ...]
     lines = ["# written by `fedflock agent enroll`: these keys belong in agent.toml's [mqtt] table", "[mqtt]"]
     if isinstance(reply.get("mqtt_url"), str):
@@ -89,7 +88,7 @@ def enroll(request: EnrollRequest) -> EnrollResult:
     lines.append(f"ca_file = {json.dumps(str(ca_path.resolve()))}")
     if request.credential == "certificate":
         cert_path = request.out_dir / "device.crt"
-        _write(cert_path, _field(reply, "certificate").encode("ascii"), 0o644)
+        atomic_write(cert_path, _field(reply, "certificate").encode("ascii"), 0o644)
         files = (key_path, cert_path, ca_path)
         lines += [
             f"cert_file = {json.dumps(str(cert_path.resolve()))}",
@@ -97,11 +96,11 @@ def enroll(request: EnrollRequest) -> EnrollResult:
         ]
     else:
         password_path = request.out_dir / "password"
-        _write(password_path, (_field(reply, "password") + "\n").encode(), 0o600)
+        atomic_write(password_path, (_field(reply, "password") + "\n").encode(), 0o600)
         files = (password_path, ca_path)
         lines += [f"username = {json.dumps(device_id)}", f"password_file = {json.dumps(str(password_path.resolve()))}"]
     snippet = request.out_dir / "mqtt.toml"
-    _write(snippet, ("\n".join(lines) + "\n").encode(), 0o644)
+    atomic_write(snippet, ("\n".join(lines) + "\n").encode(), 0o644)
     return EnrollResult(device_id=device_id, mqtt_snippet=snippet, files=files)
 
 
@@ -172,22 +171,3 @@ def _field(reply: dict[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise TransportError(f"the enrollment answer has no {name!r}")
     return value
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic, with ``mode`` set before any byte is written (the key is never readable by others)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -200,8 +200,8 @@ def _acl(store: PkiStore, args: argparse.Namespace) -> int:
 
 
 def _write_acl(store: PkiStore, args: argparse.Namespace) -> None:
-    from broker_server.pki.files import atomic_write
     from broker_server.pki.mosquitto_files import acl_text
+    from edge_agent.files import atomic_write
 
     denied = store.denied() if store.root.exists() else []
     atomic_write(args.acl_file, acl_text(args.prefix, args.server_user, denied).encode())
@@ -209,8 +209,8 @@ def _write_acl(store: PkiStore, args: argparse.Namespace) -> None:
 
 
 def _mosquitto_config(store: PkiStore, args: argparse.Namespace) -> int:
-    from broker_server.pki.files import atomic_write
     from broker_server.pki.mosquitto_files import BrokerConfigSpec, mosquitto_conf_text
+    from edge_agent.files import atomic_write
 
     spec = BrokerConfigSpec(
         auth=args.auth,

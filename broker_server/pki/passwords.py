@@ -17,8 +17,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker_server.pki.files import atomic_write
 from edge_agent.errors import ConfigError, StorageError
+from edge_agent.files import atomic_write
 
 __all__ = ["ITERATIONS", "PasswordFile", "hash_password", "new_password", "verify_password"]
 

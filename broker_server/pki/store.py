@@ -31,9 +31,9 @@ from typing import Any
 from cryptography import x509
 
 from broker_server.pki import certs
-from broker_server.pki.files import atomic_write
 from broker_server.pki.tokens import TokenBook
 from edge_agent.errors import ConfigError, StorageError
+from edge_agent.files import atomic_write
 
 __all__ = ["CRL_DAYS", "CertRecord", "ClientFiles", "PkiStore", "utc_now"]
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from broker_server.pki.files import atomic_write
 from edge_agent.errors import ConfigError, StorageError
+from edge_agent.files import atomic_write
 from edge_agent.protocol.topics import validate_device_id
 
 __all__ = ["TokenBook", "TokenRecord", "TokenRefused", "parse_ttl", "token_digest"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from edge_agent.crypto.trust import SIGNATURE_FILE, key_id
 from edge_agent.errors import ConfigError, StorageError
+from edge_agent.files import atomic_write
 from edge_agent.protocol.manifest import MANIFEST_FILE, load_manifest
 from edge_agent.protocol.model_messages import (
     ModelMessage,
@@ -92,26 +92,8 @@ def write_key_pair(key: SigningKey, private_path: Path, public_path: Path, *, ov
     for path in (private_path, public_path):
         if path.exists() and not overwrite:
             raise ConfigError(f"{path} exists: refusing to overwrite a key")
-    _write(private_path, key.private_pem(), 0o600)
-    _write(public_path, f"{key.public_key.hex()}\n".encode("ascii"), 0o644)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    atomic_write(private_path, key.private_pem(), 0o600)
+    atomic_write(public_path, f"{key.public_key.hex()}\n".encode("ascii"), 0o644)
 
 
 def bundle_signer(key: SigningKey) -> Callable[[bytes], bytes]:
@@ -131,7 +113,7 @@ def sign_bundle(directory: Path, key: SigningKey) -> Path:
     except OSError as exc:
         raise StorageError(f"cannot read {directory / MANIFEST_FILE}: {exc.strerror or exc}") from exc
     path = directory / SIGNATURE_FILE
-    _write(path, bundle_signer(key)(manifest), 0o644)
+    atomic_write(path, bundle_signer(key)(manifest), 0o644)
     return path
 
 

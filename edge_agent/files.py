@@ -1,4 +1,7 @@
-"""Atomic file writes with an explicit mode: a killed process leaves the old file or the new one."""
+"""Atomic file writes with an explicit mode: a killed process leaves the old file or the new one.
+
+Shared by the device (keys and certificates it enrolls, signing keys) and the server's PKI.
+"""
 
 from __future__ import annotations
 
