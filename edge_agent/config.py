@@ -49,6 +49,8 @@ relative to the config file. Example (also :data:`AGENT_CONFIG_EXAMPLE`, which a
     [ota]                            # signed models (docs/security.md, "Signed artifacts")
     trusted_keys = []                # Ed25519 public keys, 64 hex each (`fedflock pki signing-key`)
     # trusted_keys_file = "/etc/fedflock/trusted_keys"  # and/or: one hex key a line
+    max_clock_skew_s = 300           # statements hold from issued_at - this to expires_at + this
+    # require_expiry = true          # refuse statements without expires_at (once the server signs v2)
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from edge_agent.ota.ota_config import parse_ota_table
 from edge_agent.privacy import LocalDPConfig
 from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES
 from edge_agent.protocol.topics import DEFAULT_PREFIX, validate_device_id
+from edge_agent.transport.backoff import RECONNECT_KEYS, ReconnectSettings, parse_reconnect_table
 from edge_agent.transport.mqtt_config import parse_broker_url, validate_protocol
 
 if sys.version_info >= (3, 11):
@@ -83,7 +86,17 @@ _TOP_KEYS = {
     "privacy",
     "ota",
 }
-_MQTT_KEYS = {"url", "username", "password_file", "ca_file", "cert_file", "key_file", "topic_prefix", "protocol"}
+_MQTT_KEYS = {
+    "url",
+    "username",
+    "password_file",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "topic_prefix",
+    "protocol",
+    *RECONNECT_KEYS,
+}
 _AGENT_KEYS = {"monitor_interval_s", "result_ttl_hours", "retention_days", "chunk_kib", "error_feedback", "seed"}
 
 
@@ -97,6 +110,8 @@ class MqttSettings:
     key_file: Path | None = None
     topic_prefix: str = DEFAULT_PREFIX
     protocol: str = "auto"
+    #: reconnect backoff: ``reconnect_min_s``, ``reconnect_max_s``, ``reconnect_jitter`` (full jitter by default)
+    reconnect: ReconnectSettings = field(default_factory=ReconnectSettings)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +214,7 @@ def parse_mqtt_settings(table: Mapping[str, Any], base: Path) -> MqttSettings:
         key_file=_path(table, "key_file", base, "mqtt."),
         topic_prefix=_str(table, "topic_prefix", DEFAULT_PREFIX, "mqtt."),
         protocol=_str(table, "protocol", "auto", "mqtt."),
+        reconnect=parse_reconnect_table(table, "mqtt."),
     )
     if (settings.cert_file is None) != (settings.key_file is None):
         raise ConfigError("mqtt.cert_file and mqtt.key_file go together (mutual TLS)")

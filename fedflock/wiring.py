@@ -39,6 +39,7 @@ def configured_server_transport(mqtt: MqttSettings, client_id: str) -> MqttTrans
             username=mqtt.username,
             password_file=mqtt.password_file,
             protocol=mqtt.protocol,
+            **mqtt.reconnect.config_fields(),
         )
     )
 
@@ -62,6 +63,7 @@ def configured_device_transport(config: AgentFileConfig, *, bundle_digest: str, 
             username=mqtt.username,
             password_file=mqtt.password_file,
             protocol=mqtt.protocol,
+            **mqtt.reconnect.config_fields(),
             will=offline_will(config.device_id, topics),
             birth=online_birth(config.device_id, bundle_digest, num_examples, topics, device_class=config.device_class),
         )

@@ -1,8 +1,10 @@
 """MQTT 5 / 3.1.1 :class:`~edge_agent.transport.base.Transport` over paho-mqtt.
 
-This is the only module in fedflock that imports paho; its configuration and paho-free helpers
-live in ``mqtt_config.py``. paho's network thread (``loop_start``) does all socket I/O; its
-callbacks only copy data into queues and flags, never run user code.
+paho itself is imported only by ``paho_client.py``; the configuration and paho-free helpers live
+in ``mqtt_config.py`` and ``backoff.py``. paho's network thread (``loop_start``) does all socket
+I/O, or, with ``hub=`` (:class:`~edge_agent.transport.hub.ClientHub`), one hub thread does it for
+many transports (the fleet simulator); callbacks only copy data into queues and flags, never run
+user code.
 
 Choices worth knowing:
 
@@ -14,7 +16,8 @@ Choices worth knowing:
   are ignored and a broker that refuses a publish still acknowledges it. paho 2.2 ignores PUBREC
   reason codes, so a refused QoS 2 publish looks successful even on MQTT 5.
 * paho's reconnect backoff has no jitter (a fleet would reconnect in lockstep): each attempt
-  gets our jittered exponential :func:`reconnect_delay` through ``reconnect_delay_set``.
+  gets our jittered exponential delay (``backoff.py``, full jitter by default) through
+  ``reconnect_delay_set``, or from the hub's reconnect timer.
 * paho queues a publish made while disconnected and sends it after the reconnect, so a caller
   retrying during an outage would queue one copy per retry: publishing while disconnected
   raises instead. A QoS 1 message whose PUBACK timed out may still be delivered after a
@@ -29,20 +32,18 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
 from edge_agent.errors import TransportError
 from edge_agent.transport import mqtt_config, tls
+from edge_agent.transport import paho_client as mqtt
 from edge_agent.transport.base import InboundMessage
+from edge_agent.transport.hub import ClientHub, HubLink
 from edge_agent.transport.memory import Inbox, validate_qos, validate_topic, validate_topic_filter
 from edge_agent.transport.mqtt_config import Backoff, MqttConfig, parse_broker_url, parse_mqtt_url, reconnect_delay
+from edge_agent.transport.paho_client import PacketTypes, ReasonCode
 from edge_agent.transport.tls import TlsConfig
 
 __all__ = ["MqttConfig", "MqttTransport", "TlsConfig", "parse_broker_url", "parse_mqtt_url", "reconnect_delay"]
@@ -55,10 +56,24 @@ class MqttTransport:
 
     No I/O before :meth:`start`. Subscriptions are re-sent on every (re)connect, so they survive
     broker restarts even with clean sessions. Once closed it cannot be restarted.
+
+    ``hub``: a started :class:`ClientHub` whose one thread does this transport's I/O and
+    reconnects (instead of a paho thread per transport). ``on_inbound`` is called (on the
+    network thread; it must be short) after each inbound message is queued.
     """
 
-    def __init__(self, config: MqttConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        rng: random.Random | None = None,
+        hub: ClientHub | None = None,
+        on_inbound: Callable[[], None] | None = None,
+    ) -> None:
         self._config = config
+        self._hub = hub
+        self._link: HubLink | None = None
+        self._on_inbound = on_inbound
         self._backoff = Backoff(config, rng)
         self._inbox = Inbox()
         self._client: mqtt.Client | None = None
@@ -104,7 +119,8 @@ class MqttTransport:
         if self._client is None:  # ConfigError naming an unusable file, before any connection attempt
             self._secrets = tls.Secrets.load(cfg.tls, password=cfg.password, password_file=cfg.password_file)
         if cfg.protocol == mqtt_config.PROTOCOL_AUTO and self._client is None and not self._closed:
-            self._protocol = mqtt_config.PROTOCOL_V5 if self._probe_v5(deadline) else mqtt_config.PROTOCOL_V311
+            v5 = mqtt.probe_v5(cfg, self._secrets, deadline)
+            self._protocol = mqtt_config.PROTOCOL_V5 if v5 else mqtt_config.PROTOCOL_V311
         client = self._new_client()
         if client is None:
             return
@@ -129,7 +145,7 @@ class MqttTransport:
         interval = mqtt_config.message_expiry_interval(expiry_s)
         client = self._require_client()
         data = bytes(payload)
-        properties = _properties(PacketTypes.PUBLISH, MessageExpiryInterval=interval) if self._v5 else None
+        properties = mqtt.properties(PacketTypes.PUBLISH, MessageExpiryInterval=interval) if self._v5 else None
         limit = self._max_packet_size
         if limit is not None:  # only ever set on MQTT 5, where an empty property block is 1 byte
             props_size = len(properties.pack()) if properties is not None else 1
@@ -154,6 +170,8 @@ class MqttTransport:
         failure = self._acks.publish_failure(info.mid)
         if failure is not None:
             raise TransportError(f"broker refused the publish to {topic!r}: {failure}")
+        if self._link is not None:
+            self._link.count(bytes_out=len(data))
 
     def subscribe(self, topic_filter: str, *, qos: int = 1) -> None:
         """Record the subscription and, if connected, wait for the SUBACK (else: sent on connect)."""
@@ -185,9 +203,17 @@ class MqttTransport:
             self._closed = True
             client = self._client
         if client is not None:
-            client.disconnect()
-            client.loop_stop()
+            self._stop_client(client)
         self._inbox.close()
+
+    def drop_connection(self, *, hold_s: float) -> None:
+        """Cut the connection without DISCONNECT (the broker publishes the will), as a crash or a
+        dead network would, and reconnect no sooner than ``hold_s`` later. Hub transports only
+        (fault drills and the fleet simulator's dropouts)."""
+        link = self._link
+        if self._hub is None or link is None:
+            raise TransportError(f"transport {self._config.client_id!r}: drop_connection needs a hub transport")
+        self._hub.sever(link, hold_s)
 
     def __enter__(self) -> MqttTransport:
         self.start()
@@ -211,62 +237,22 @@ class MqttTransport:
             return self._client
 
     def _make_client(self) -> mqtt.Client:
-        cfg = self._config
-        if self._v5:  # clean start and session expiry are sent by connect()
-            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5)
-        else:
-            client = mqtt.Client(
-                CallbackAPIVersion.VERSION2,
-                client_id=cfg.client_id,
-                clean_session=cfg.clean_session,
-                protocol=mqtt.MQTTv311,
-            )
-        client.on_log = mqtt_config.forward_paho_log
-        client.connect_timeout = cfg.connect_timeout
-        if cfg.will is not None:
-            client.will_set(cfg.will.topic, cfg.will.payload, qos=cfg.will.qos, retain=cfg.will.retain)
-        if self._secrets.context is not None:
-            client.tls_set_context(self._secrets.context)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, self._secrets.password)
+        secrets = self._secrets
+        client = mqtt.new_client(self._config, v5=self._v5, context=secrets.context, password=secrets.password)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
+        if self._hub is not None:
+            link = self._hub.attach(client, on_connect_failed=lambda: self._on_connect_fail(client, None))
+            client.on_socket_open = link.socket_opened
+            client.on_socket_close = link.socket_closed
+            client.on_socket_register_write = link.register_write
+            client.on_socket_unregister_write = link.unregister_write
+            self._link = link
         return client
-
-    def _probe_v5(self, deadline: float) -> bool:
-        """Whether the broker speaks MQTT 5, asked with a bare CONNECT: no will, no credentials,
-        empty client id (so no session of ours is touched), clean start; DISCONNECT right after.
-
-        Any CONNACK but "Unsupported protocol version" proves MQTT 5, even a refusal (the real
-        CONNECT will report that); a connection closed without CONNACK means 3.1.1.
-        """
-        cfg = self._config
-        probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5)
-        probe.on_log = mqtt_config.forward_paho_log
-        probe.connect_timeout = cfg.connect_timeout
-        if self._secrets.context is not None:
-            probe.tls_set_context(self._secrets.context)
-        codes: list[ReasonCode] = []
-        probe.on_connect = lambda client, userdata, flags, code, properties: codes.append(code)
-        try:
-            probe.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
-            while not codes and time.monotonic() < deadline:
-                if probe.loop(timeout=min(0.1, max(0.0, deadline - time.monotonic()))) != mqtt.MQTT_ERR_SUCCESS:
-                    break  # closed by the broker
-        except (OSError, ValueError) as exc:
-            raise TransportError(tls.describe_connect_error(cfg.host, cfg.port, cfg.url, exc)) from exc
-        finally:
-            probe.disconnect()
-        refusal = self._secrets.tls_refusal(cfg.host, cfg.port)
-        if refusal is not None and not codes:
-            raise TransportError(refusal)
-        if not codes and time.monotonic() >= deadline:
-            raise TransportError(f"no CONNACK from {cfg.url} within {cfg.connect_timeout}s")
-        return bool(codes) and codes[0].value != mqtt_config.UNSUPPORTED_PROTOCOL_VERSION
 
     def _connect(self, client: mqtt.Client, deadline: float) -> None:
         """Connect ``client`` and wait for a successful CONNACK, else clean up and raise."""
@@ -274,14 +260,19 @@ class MqttTransport:
         v5_args: dict[str, Any] = {}  # paho refuses these on 3.1.1, where clean_session went to Client()
         if self._v5:
             expiry = mqtt_config.session_expiry_interval(cfg.clean_session, cfg.session_expiry_s)
-            properties = _properties(PacketTypes.CONNECT, SessionExpiryInterval=expiry)
+            properties = mqtt.properties(PacketTypes.CONNECT, SessionExpiryInterval=expiry)
             v5_args = {"clean_start": cfg.clean_session, "properties": properties}
         try:
-            client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **v5_args)
+            if self._hub is not None and self._link is not None:
+                link = self._link
+                self._hub.connect(link, lambda: client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **v5_args))
+            else:
+                client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, **v5_args)
         except (OSError, ValueError) as exc:
             self._abort_start(client)
             raise TransportError(tls.describe_connect_error(cfg.host, cfg.port, cfg.url, exc)) from exc
-        client.loop_start()
+        if self._hub is None:
+            client.loop_start()
         if not self._connack.wait(max(0.0, deadline - time.monotonic())):
             self._abort_start(client)
             raise TransportError(f"no CONNACK from {cfg.url} within {cfg.connect_timeout}s")
@@ -296,12 +287,20 @@ class MqttTransport:
 
     def _abort_start(self, client: mqtt.Client) -> None:
         """Undo a failed start so no network thread keeps retrying behind the caller's back."""
-        client.disconnect()
-        client.loop_stop()
+        self._stop_client(client)
         with self._lock:
             self._client = None
         self._connack.clear()
         self._connect_error = None
+
+    def _stop_client(self, client: mqtt.Client) -> None:
+        """DISCONNECT and stop the network I/O: paho's thread, or the hub's service of this client."""
+        link, self._link = self._link, None
+        if self._hub is not None and link is not None:
+            self._hub.release(link)
+            return
+        client.disconnect()
+        client.loop_stop()
 
     def _require_client(self) -> mqtt.Client:
         with self._lock:
@@ -317,6 +316,9 @@ class MqttTransport:
         Called from on_disconnect / on_connect_fail, which paho runs right before it sleeps.
         """
         delay = self._backoff.next_delay()
+        if self._link is not None:
+            self._link.reconnect_later(delay)
+            return
         # paho annotates the delays as int but only does float arithmetic with them.
         client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
 
@@ -326,10 +328,12 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         if reason_code.is_failure:
-            self._connect_error = f"{self._config.url} refused the connection: {_describe(reason_code)}"
+            self._connect_error = f"{self._config.url} refused the connection: {mqtt.describe(reason_code)}"
             self._connack.set()
             return
         self._backoff.reset()
+        if self._link is not None:
+            self._link.note_connected(True)
         self._max_packet_size = getattr(properties, "MaximumPacketSize", None)  # MQTT 5 only
         with self._lock:
             subscriptions = list(self._subscriptions.items())
@@ -350,7 +354,7 @@ class MqttTransport:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any
     ) -> None:
         if flags.is_disconnect_packet_from_server:
-            self._last_disconnect = _describe(reason_code)
+            self._last_disconnect = mqtt.describe(reason_code)
         refusal = self._secrets.tls_refusal(self._config.host, self._config.port)
         if refusal is not None and self._protocol_in_use is None:  # start() awaits a CONNACK that won't come
             client.disconnect()  # and gives up: no reconnect attempt (paho would sleep before it)
@@ -359,7 +363,7 @@ class MqttTransport:
             return
         if not self._closed:
             _log.warning(
-                "mqtt %s lost its connection (%s); reconnecting", self._config.client_id, _describe(reason_code)
+                "mqtt %s lost its connection (%s); reconnecting", self._config.client_id, mqtt.describe(reason_code)
             )
             self._schedule_reconnect(client)
 
@@ -369,12 +373,17 @@ class MqttTransport:
         except UnicodeDecodeError:
             _log.warning("dropping a message whose topic is not valid UTF-8")
             return
-        self._inbox.put(InboundMessage(topic, bytes(message.payload)))
+        payload = bytes(message.payload)
+        self._inbox.put(InboundMessage(topic, payload))
+        if self._link is not None:
+            self._link.count(bytes_in=len(payload))
+        if self._on_inbound is not None:
+            self._on_inbound()
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode], properties: Any
     ) -> None:
-        refused = [_describe(code) for code in reason_codes if code.is_failure]
+        refused = [mqtt.describe(code) for code in reason_codes if code.is_failure]
         self._acks.suback(mid, refused)
         if refused and mid == self._resubscribe_mid and self._protocol_in_use is not None:  # nobody awaits it
             _log.warning("mqtt %s: broker refused resubscription: %s", self._config.client_id, ", ".join(refused))
@@ -382,17 +391,4 @@ class MqttTransport:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, props: Any) -> None:
         """Record the PUBACK for ``publish``, which reads it after this returns (paho marks a message
         published only then)."""
-        self._acks.puback(mid, _describe(reason_code) if reason_code.is_failure else None)
-
-
-def _properties(packet_type: int, **values: int | None) -> Properties | None:
-    """MQTT 5 properties holding the non-zero ``values``; ``None`` if there are none."""
-    properties = Properties(packet_type)
-    for name, value in values.items():
-        if value:
-            setattr(properties, name, value)
-    return None if properties.isEmpty() else properties
-
-
-def _describe(reason_code: ReasonCode) -> str:
-    return mqtt_config.describe_reason(reason_code.getName(), reason_code.value)
+        self._acks.puback(mid, mqtt.describe(reason_code) if reason_code.is_failure else None)

@@ -6,8 +6,9 @@ holds what it needs to decide and compute, not to talk, so it can be read and te
 :func:`parse_mqtt_url` and :func:`reconnect_delay`):
 
 * :class:`MqttConfig` and its validation, :func:`parse_broker_url` (``mqtt://`` and ``mqtts://``)
-  and :func:`parse_mqtt_url` (plain ``mqtt://`` only), :func:`reconnect_delay` and :class:`Backoff`,
-  and :func:`forward_paho_log` (paho's log callback; it needs no paho import);
+  and :func:`parse_mqtt_url` (plain ``mqtt://`` only), and :func:`forward_paho_log` (paho's log
+  callback; it needs no paho import); the reconnect backoff (:func:`reconnect_delay`,
+  :class:`Backoff`, full jitter and the ``[mqtt]`` reconnect keys) lives in ``backoff.py``;
 * TLS settings and credential files live in ``tls.py`` (:class:`~edge_agent.transport.tls.TlsConfig`);
 * the protocol setting (``"auto"``, ``"5"``, ``"3.1.1"``) and the CONNACK reason code by which
   ``"auto"`` recognises a broker that refuses MQTT 5 (the embedded amqtt broker speaks 3.1.1
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from edge_agent.errors import ConfigError, TransportError
+from edge_agent.transport.backoff import JITTER_FULL, Backoff, reconnect_delay, validate_reconnect
 from edge_agent.transport.base import Will
 from edge_agent.transport.memory import validate_expiry
 from edge_agent.transport.tls import TlsConfig
@@ -95,7 +96,9 @@ class MqttConfig:
     reconnect_min_delay: float = 1.0
     reconnect_max_delay: float = 60.0
     reconnect_jitter: float = 1.0
-    """Each reconnect delay is stretched by a random fraction in ``[0, reconnect_jitter]``."""
+    """``reconnect_jitter_mode="added"``: each delay is stretched by a random fraction in ``[0, reconnect_jitter]``."""
+    reconnect_jitter_mode: str = JITTER_FULL
+    """``"full"`` (uniform over the doubling window), ``"added"`` or ``"none"`` (``backoff.py``)."""
     clean_session: bool = True
     """``False`` asks the broker to keep subscriptions and queued QoS >= 1 messages while offline."""
     session_expiry_s: int | None = None
@@ -139,8 +142,9 @@ class MqttConfig:
             raise ConfigError("mqtt client_id must not be empty")
         if self.keepalive < 0 or self.connect_timeout <= 0 or self.publish_timeout <= 0:
             raise ConfigError("keepalive must be >= 0 and timeouts > 0")
-        if not 0 < self.reconnect_min_delay <= self.reconnect_max_delay or self.reconnect_jitter < 0:
-            raise ConfigError("need 0 < reconnect_min_delay <= reconnect_max_delay and reconnect_jitter >= 0")
+        validate_reconnect(
+            self.reconnect_min_delay, self.reconnect_max_delay, self.reconnect_jitter, self.reconnect_jitter_mode
+        )
         if (self.password is not None or self.password_file is not None) and self.username is None:
             raise ConfigError("an mqtt password needs a username")
         if self.password is not None and self.password_file is not None:
@@ -204,41 +208,6 @@ def parse_mqtt_url(url: str) -> tuple[str, int]:
     if address.tls:
         raise ConfigError(f"{url!r} is an mqtts:// url: use parse_broker_url() or MqttConfig.from_url() to keep TLS")
     return address.host, address.port
-
-
-def reconnect_delay(attempt: int, *, min_delay: float, max_delay: float, jitter: float, rng: random.Random) -> float:
-    """Delay before reconnect attempt ``attempt`` (0-based): capped doubling plus random jitter.
-
-    The jitter is added on top of the cap so that devices which all hit ``max_delay`` still
-    spread out instead of hammering a recovering broker at the same instant.
-    """
-    base = min(max_delay, min_delay * 2.0 ** min(attempt, 62))
-    return base + rng.uniform(0.0, jitter * base)
-
-
-class Backoff:
-    """The reconnect delays of one transport: :func:`reconnect_delay` with its attempt counter."""
-
-    def __init__(self, config: MqttConfig, rng: random.Random | None = None) -> None:
-        self._config = config
-        self._rng = rng if rng is not None else random.Random()
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        cfg = self._config
-        delay = reconnect_delay(
-            self.attempt,
-            min_delay=cfg.reconnect_min_delay,
-            max_delay=cfg.reconnect_max_delay,
-            jitter=cfg.reconnect_jitter,
-            rng=self._rng,
-        )
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        """After a successful connect the next outage starts from the shortest delay again."""
-        self.attempt = 0
 
 
 class Acks:
