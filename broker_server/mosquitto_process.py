@@ -9,6 +9,12 @@ The config is written from scratch (never the system ``/etc/mosquitto``): one lo
 anonymous access (Mosquitto 2 refuses anonymous clients on configured listeners by default),
 no persistence, logging to ``mosquitto.log`` in the work directory.
 
+With ``persistence_dir=...`` Mosquitto saves its sessions, subscriptions, queued and retained
+messages there every ``autosave_interval`` seconds and on a clean exit, and loads them when it
+starts again (on the same port: :meth:`MosquittoProcess.start` after :meth:`kill` or
+:meth:`stop`). A SIGKILL loses what changed since the last save: the fault drills
+(``fedflock.drills``) kill it that way on purpose.
+
 With ``tls=MosquittoTls(...)`` that listener speaks TLS only and :attr:`MosquittoProcess.url` is
 ``mqtts://``; connect with ``MqttConfig.from_url(broker.url, tls=TlsConfig(ca_file=...), ...)``::
 
@@ -120,11 +126,16 @@ class MosquittoProcess:
         allow_anonymous: bool = True,
         extra_config: tuple[str, ...] = (),
         tls: MosquittoTls | None = None,
+        persistence_dir: Path | None = None,
+        autosave_interval: int = 1,
     ) -> None:
         """``extra_config``: more mosquitto.conf lines (e.g. ``acl_file ...``, ``max_packet_size 2048``).
 
         ``tls``: make the listener TLS-only (:attr:`url` becomes ``mqtts://``).
+        ``persistence_dir``: turn persistence on, saving there every ``autosave_interval`` seconds.
         """
+        if autosave_interval < 1:
+            raise ConfigError(f"autosave_interval must be at least 1 second, got {autosave_interval}")
         self.workdir = workdir
         self.host = host
         self.port = port if port is not None else free_port(host)
@@ -133,6 +144,8 @@ class MosquittoProcess:
         self._allow_anonymous = allow_anonymous
         self._extra_config = extra_config
         self.tls = tls
+        self.persistence_dir = persistence_dir
+        self._autosave_interval = autosave_interval
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -174,6 +187,21 @@ class MosquittoProcess:
             process.kill()
             process.wait(timeout)
 
+    def kill(self, timeout: float = 5.0) -> int:
+        """SIGKILL Mosquitto (no save, no will messages sent by a clean shutdown); its pid."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            raise TransportError(f"mosquitto on {self.url} is not running")
+        process.kill()
+        process.wait(timeout)
+        return process.pid
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's process id, None when it is not running."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
     def read_log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -198,7 +226,7 @@ class MosquittoProcess:
                 f"listener {self.port} {self.host}",
                 *(self.tls.config_lines() if self.tls is not None else ()),
                 f"allow_anonymous {'true' if self._allow_anonymous else 'false'}",
-                "persistence false",
+                *self._persistence_lines(),
                 f"user {user}",
                 f"log_dest file {self.log_path}",
                 "log_type error",
@@ -209,6 +237,16 @@ class MosquittoProcess:
                 "",
             ]
         )
+
+    def _persistence_lines(self) -> list[str]:
+        if self.persistence_dir is None:
+            return ["persistence false"]
+        self.persistence_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            "persistence true",
+            f"persistence_location {self.persistence_dir}/",
+            f"autosave_interval {self._autosave_interval}",
+        ]
 
 
 def _flag(value: bool) -> str:

@@ -39,6 +39,10 @@ class DeviceRecord:
     #: what the device announced it speaks (STATUS ``capabilities``; {} while offline)
     capabilities: dict[str, Any] = field(default_factory=dict)
     device_class: str = DEFAULT_DEVICE_CLASS
+    #: how many times the device came online (birth STATUS: online without an eligibility report,
+    #: or online after offline); a round re-sends a TASK sent before the last one
+    #: (broker_server.task_resend)
+    connects: int = 0
 
     @property
     def declines(self) -> bool:
@@ -54,9 +58,12 @@ class DeviceRegistry:
     def observe(self, status: StatusMessage, now: float) -> None:
         # selection needs the train decision: an upload/download one keeps the last train one
         eligibility = dict(status.eligibility)
+        previous = self._devices.get(status.device_id)
         if eligibility.get("phase") not in (None, "train", "continue"):
-            previous = self._devices.get(status.device_id)
             eligibility = previous.eligibility if previous is not None else {}
+        connects = previous.connects if previous is not None else 0
+        if status.online and (not status.eligibility or previous is None or not previous.online):
+            connects += 1
         self._devices[status.device_id] = DeviceRecord(
             device_id=status.device_id,
             online=status.online,
@@ -67,6 +74,7 @@ class DeviceRegistry:
             eligibility=eligibility,
             capabilities=dict(status.capabilities),
             device_class=device_class_of(status.capabilities),
+            connects=connects,
         )
 
     def eligible(self, bundle_digest: str) -> list[str]:
@@ -92,6 +100,11 @@ class DeviceRegistry:
 
     def get(self, device_id: str) -> DeviceRecord | None:
         return self._devices.get(device_id)
+
+    def connects(self, device_id: str) -> int:
+        """How many times ``device_id`` came online (0: never seen)."""
+        record = self._devices.get(device_id)
+        return 0 if record is None else record.connects
 
     def __len__(self) -> int:
         return len(self._devices)

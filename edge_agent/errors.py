@@ -77,6 +77,12 @@ class StorageError(FedflockError):
     code = "storage_error"
 
 
+class StorageFull(StorageError):
+    """The disk, or the store's ``max_db_bytes``, is full; nothing committed before was lost."""
+
+    code = "storage_full"
+
+
 class ExportError(FedflockError):
     code = "export_error"
 

@@ -35,6 +35,7 @@ from edge_agent.protocol.manifest import load_manifest
 from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.store import DeviceStore, StoreConfig
+from edge_agent.transport.base import Transport
 
 log = logging.getLogger("fedflock.cli")
 
@@ -134,7 +135,13 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
         store=StoreConfig(retention_s=config.retention_s),
         privacy=config.privacy,
     )
-    transport = configured_device_transport(config, bundle_digest=bundle.digest, num_examples=len(split.train))
+    transport: Transport = configured_device_transport(
+        config, bundle_digest=bundle.digest, num_examples=len(split.train)
+    )
+    if os.environ.get("FEDFLOCK_DRILL_CRASH"):  # opt-in test hook of the fault drills (docs/drills.md)
+        from fedflock.drills.crash import wrap_for_drill
+
+        transport = wrap_for_drill(transport, agent_config.topics.results(config.device_id), os.environ)
     agent = Agent(
         agent_config,
         transport,

@@ -23,6 +23,8 @@ Data is aligned to 8 bytes so a decoder can view it in place.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.errors import MalformedMessage, UnsupportedVersion
+from edge_agent.errors import MalformedMessage, StorageError, StorageFull, UnsupportedVersion
 
 MAGIC = b"FFTS"
 VERSION = 1
@@ -158,14 +160,26 @@ def _decode_one(view: memoryview, offset: int, index: int) -> tuple[int, str, np
 
 
 def write_tensor_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray]) -> None:
-    """Write a tensor set atomically: a killed process leaves the old file or the new one."""
+    """Write a tensor set atomically: a killed process leaves the old file or the new one.
+
+    A failed write (a full disk above all) removes its temporary file and raises
+    :class:`~edge_agent.errors.StorageFull` (no space) or :class:`~edge_agent.errors.StorageError`;
+    the previous file is untouched.
+    """
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(encode_tensors(tensors))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(encode_tensors(tensors))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"device storage full: could not write {target}") from exc
+        raise StorageError(f"could not write {target}: {exc.strerror or exc}") from exc
 
 
 def read_tensor_file(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

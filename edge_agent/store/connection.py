@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent.errors import ConfigError, StorageError
+from edge_agent.errors import ConfigError, StorageError, StorageFull
 from edge_agent.store.config import StoreConfig
 from edge_agent.store.schema import ensure_schema
 
@@ -50,12 +50,6 @@ _MESSAGE_CODES = {  # for sqlite3 builds that do not set sqlite_errorcode
     "file is not a database": _SQLITE_NOTADB,
     "database is locked": _SQLITE_BUSY,
 }
-
-
-class StorageFull(StorageError):
-    """The disk, or the store's ``max_db_bytes``, is full; nothing committed before was lost."""
-
-    code = "storage_full"
 
 
 class StoreCorrupt(StorageError):
