@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_agent.errors import ConfigError, FedflockError
+from fedflock.backup_cli import add_backup_arguments, add_restore_arguments, run_backup, run_restore
 from fedflock.broker_cli import add_broker_arguments, run_broker
 from fedflock.enroll_cli import add_enroll_arguments, agent_enroll
 from fedflock.export_options import add_export_options, export_kwargs
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_arguments(broker)
 
     add_pki_arguments(sub.add_parser("pki", help="CA, certificates, passwords, ACL, mosquitto.conf, enrollment"))
+    add_backup_arguments(sub.add_parser("backup", help="copy the server's SQLite store and model files into a tar"))
+    add_restore_arguments(sub.add_parser("restore", help="verify a fedflock backup and restore it (or --check it)"))
 
     demo = sub.add_parser("demo", help="federated training of a digits CNN on one machine, end to end")
     demo.add_argument("--devices", type=int, default=20)
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("fedflock-demo"))
     demo.add_argument("--no-progress", action="store_true")
+
+    from fedflock.simulate.cli import add_simulate_arguments
+
+    add_simulate_arguments(sub.add_parser("simulate", help="a simulated device fleet (docs/simulator.md)"))
     return parser
 
 
@@ -230,6 +237,16 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 OWN_LOGGERS = ("fedflock", "edge_agent", "broker_server", "model_export")
 COMMANDS = {"export": run_export, "agent": run_agent, "broker": run_broker, "demo": run_demo_command, "pki": run_pki}
+COMMANDS.update(backup=run_backup, restore=run_restore)
+
+
+def run_simulate_command(args: argparse.Namespace) -> int:
+    from fedflock.simulate.cli import run_simulate
+
+    return run_simulate(args)
+
+
+COMMANDS["simulate"] = run_simulate_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
