@@ -12,14 +12,22 @@ the operator handed out with the token, and writes what comes back::
 Making a CSR needs the ``cryptography`` package (``pip install "fedflock[enroll]"``). A device
 without it can enroll for a password instead (``credential="password"``): ``OUT/password``
 (0600) and ``username``/``password_file`` lines. Standard library otherwise (urllib + ssl).
+
+An endpoint that is rate limiting answers 429 with ``Retry-After`` without looking at the token;
+the request is sent again after that many seconds (``busy_retries`` times, each wait at most
+``max_retry_wait_s``), else :class:`TransportError` says when to try again. The same key and CSR
+are sent each time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import ssl
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,10 @@ class EnrollRequest:
     credential: str = "certificate"
     expected_device_id: str | None = None
     timeout_s: float = 30.0
+    #: requests sent again after a 429 answer (rate limited), each after its Retry-After
+    busy_retries: int = 3
+    #: a Retry-After longer than this is not waited for (the error says when to try again)
+    max_retry_wait_s: float = 120.0
 
     def __post_init__(self) -> None:
         if urlsplit(self.url).scheme != "https":
@@ -54,6 +66,8 @@ class EnrollRequest:
             raise ConfigError(f"--credential {self.credential!r}: choose one of {', '.join(CREDENTIALS)}")
         if self.expected_device_id is not None:
             validate_device_id(self.expected_device_id)
+        if self.busy_retries < 0 or not self.max_retry_wait_s >= 0:
+            raise ConfigError("busy_retries and max_retry_wait_s must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +77,9 @@ class EnrollResult:
     files: tuple[Path, ...]
 
 
-def enroll(request: EnrollRequest) -> EnrollResult:
-    """Enroll; :class:`ConfigError` (refused, bad input), :class:`TransportError` (unreachable)."""
+def enroll(request: EnrollRequest, *, sleep: Callable[[float], None] = time.sleep) -> EnrollResult:
+    """Enroll; :class:`ConfigError` (refused, bad input), :class:`TransportError` (unreachable, or
+    still rate limited); ``sleep`` waits out a 429's Retry-After."""
     context = _context(request.ca_file)
     body: dict[str, Any] = {"token": request.token.strip()}
     key_path = request.out_dir / "device.key"
@@ -74,7 +89,7 @@ def enroll(request: EnrollRequest) -> EnrollResult:
         body["csr"] = csr_pem.decode("ascii")
     else:
         body["credential"] = "password"
-    reply = _post(request.url, body, context, request.timeout_s)
+    reply = _post_until_admitted(request, body, context, sleep)
     device_id = _field(reply, "device_id")
     validate_device_id(device_id)
     if request.expected_device_id is not None and device_id != request.expected_device_id:
@@ -136,6 +151,30 @@ def _context(ca_file: Path) -> ssl.SSLContext:
     return context
 
 
+class _Busy(TransportError):
+    """A 429 answer: try again after ``retry_after`` seconds (handled by :func:`_post_until_admitted`)."""
+
+    def __init__(self, retry_after: float, text: str) -> None:
+        super().__init__(text)
+        self.retry_after = retry_after
+
+
+def _post_until_admitted(
+    request: EnrollRequest, body: dict[str, Any], context: ssl.SSLContext, sleep: Callable[[float], None]
+) -> dict[str, Any]:
+    retries = 0
+    while True:
+        try:
+            return _post(request.url, body, context, request.timeout_s)
+        except _Busy as busy:
+            if retries >= request.busy_retries or busy.retry_after > request.max_retry_wait_s:
+                raise TransportError(
+                    f"the enrollment endpoint is rate limiting ({busy.reason}): try again in {busy.retry_after:g} s"
+                ) from None
+            retries += 1
+            sleep(busy.retry_after)
+
+
 def _post(url: str, body: dict[str, Any], context: ssl.SSLContext, timeout_s: float) -> dict[str, Any]:
     data = json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
@@ -143,6 +182,8 @@ def _post(url: str, body: dict[str, Any], context: ssl.SSLContext, timeout_s: fl
         with urllib.request.urlopen(request, context=context, timeout=timeout_s) as response:
             raw = response.read(MAX_RESPONSE + 1)
     except urllib.error.HTTPError as exc:
+        if exc.code == 429:
+            raise _Busy(_retry_after(exc.headers.get("Retry-After")), _error_text(exc)) from exc
         raise ConfigError(f"enrollment refused ({exc.code}): {_error_text(exc)}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -156,6 +197,15 @@ def _post(url: str, body: dict[str, Any], context: ssl.SSLContext, timeout_s: fl
     if not isinstance(reply, dict):
         raise TransportError(f"the enrollment endpoint {url} did not answer a JSON object")
     return reply
+
+
+def _retry_after(value: str | None) -> float:
+    """Retry-After in seconds (RFC 9110 also allows an HTTP date: then, and when absent, 60 s)."""
+    try:
+        seconds = float(value) if value is not None else 60.0
+    except ValueError:
+        return 60.0
+    return seconds if math.isfinite(seconds) and seconds >= 0 else 60.0
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:

@@ -41,6 +41,7 @@ from fedflock.broker_flags import (
 if TYPE_CHECKING:
     from broker_server.ops import ServerMetrics
     from broker_server.server_config import ServerConfig
+    from edge_agent.transport.base import Transport
 
 __all__ = [
     "add_broker_arguments",
@@ -94,14 +95,20 @@ def run_server(settings: BrokerSettings) -> int:
     metrics = ServerMetrics()
     try:
         client_id = settings.client_id or f"fedflock-server-{uuid.uuid4().hex[:8]}"
-        transport = MeteredTransport(configured_server_transport(settings.mqtt, client_id), metrics)
+        transport: Transport = MeteredTransport(configured_server_transport(settings.mqtt, client_id), metrics)
+        signer = None
+        if settings.signing_key is not None:  # every MODEL announcement signed (docs/security.md)
+            from broker_server.pki.release_signer import ReleaseSigner
+            from broker_server.pki.statement_refresh import StatementRefresher
+
+            signer = ReleaseSigner.from_file(settings.signing_key, lifetime_s=settings.statement_lifetime_s)
+            if signer.lifetime_s is not None:  # retained statements are re-signed before they expire
+                transport = StatementRefresher(transport, signer)
         server = FederatedServer(
             transport, bundle, config, out_dir=settings.out, evaluator=evaluator, store=store, events=metrics
         )
-        if settings.signing_key is not None:  # every MODEL announcement signed (docs/security.md)
-            from broker_server.pki.release_signer import ReleaseSigner
-
-            server.publisher.sign_with(ReleaseSigner.from_file(settings.signing_key).sign)
+        if signer is not None:
+            server.publisher.sign_with(signer.sign)
         started = threading.Event()
         with operations_endpoint(settings, server, metrics, started):
             server.start()

@@ -11,7 +11,8 @@ run-time settings (an annotated example: ``deploy/broker/broker.toml``; every ke
     [selection]       over_selection, stratify, max_rounds_per_window, budget_window_s
     [codecs]          offer, chunk_bytes
     [ops]             port, host
-    [ota]             signing_key (a PEM Ed25519 key, 0600: every MODEL is signed; docs/security.md)
+    [ota]             signing_key (a PEM Ed25519 key, 0600: every MODEL is signed; docs/security.md),
+                      statement_lifetime (default "24h"; "none": statements without expiry)
     [hyperparameters] NAME = number or [numbers], sent in every task
     [strategy] [robust] [trust] [asynchronous] [rollout] [privacy] [clusters]   passed to ServerConfig as tables
 
@@ -33,7 +34,6 @@ key is refused with the valid ones listed. Nothing is opened or connected here.
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +43,24 @@ from typing import TYPE_CHECKING, Any
 from edge_agent.config import MqttSettings
 from edge_agent.config import parse_mqtt_settings as parse_mqtt_table  # the agent's [mqtt] checks, shared
 from edge_agent.errors import ConfigError
+from fedflock.broker_values import (
+    FLAG_KEYS,
+    _bool,
+    _choice,
+    _hyperparameters,
+    _int,
+    _model_channel,
+    _number,
+    _opt,
+    _opt_int,
+    _opt_number,
+    _opt_path,
+    _positive,
+    _str,
+    _str_list,
+    _text,
+    _where,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -107,44 +125,22 @@ FIXED_TABLES: dict[str, tuple[str, ...]] = {
     "selection": ("over_selection", "stratify", "max_rounds_per_window", "budget_window_s"),
     "codecs": ("offer", "chunk_bytes"),
     "ops": ("port", "host"),
-    "ota": ("signing_key",),
+    "ota": ("signing_key", "statement_lifetime"),
 }
 #: tables whose keys their own parsers check (ServerConfig, the strategy, robust, trust, async and rollout parsers)
-OPEN_TABLES = ("hyperparameters", "strategy", "robust", "trust", "asynchronous", "rollout", "privacy", "clusters")
+OPEN_TABLES = (
+    "hyperparameters",
+    "strategy",
+    "robust",
+    "trust",
+    "asynchronous",
+    "rollout",
+    "privacy",
+    "clusters",
+    "secagg",
+)
 _PATH_KEYS = {"server": ("bundle", "out", "test_data"), "mqtt": ("password_file", "ca_file", "cert_file", "key_file")}
 _PATH_KEYS["ota"] = ("signing_key",)
-
-#: the flag (argparse dest) that overrides each file key (``--round-timeout`` sets server.round_timeout_s)
-FLAG_KEYS: dict[str, tuple[str, str]] = {
-    "bundle": ("server", "bundle"),
-    "out": ("server", "out"),
-    "test_data": ("server", "test_data"),
-    "store": ("server", "store"),
-    "rounds": ("server", "rounds"),
-    "clients_per_round": ("server", "clients_per_round"),
-    "min_clients": ("server", "min_clients"),
-    "min_reports": ("server", "min_reports"),
-    "wait_for_clients": ("server", "wait_for_clients_s"),
-    "round_timeout": ("server", "round_timeout_s"),
-    "local_epochs": ("server", "local_epochs"),
-    "batch_size": ("server", "batch_size"),
-    "lr": ("server", "lr"),
-    "seed": ("server", "seed"),
-    "freeze": ("server", "freeze"),
-    "mode": ("server", "mode"),
-    "late_updates": ("server", "late_updates"),
-    "mqtt_url": ("mqtt", "url"),
-    "topic_prefix": ("mqtt", "topic_prefix"),
-    "over_selection": ("selection", "over_selection"),
-    "stratify": ("selection", "stratify"),
-    "max_rounds_per_window": ("selection", "max_rounds_per_window"),
-    "budget_window": ("selection", "budget_window_s"),
-    "codecs": ("codecs", "offer"),
-    "chunk_bytes": ("codecs", "chunk_bytes"),
-    "ops_port": ("ops", "port"),
-    "ops_host": ("ops", "host"),
-}
-_FLAG_OF = {f"{table}.{key}": "--" + dest.replace("_", "-") for dest, (table, key) in FLAG_KEYS.items()}
 
 #: fedflock broker waits longer for its first devices than a library ServerConfig (60 s)
 DEFAULT_WAIT_FOR_CLIENTS_S = 300.0
@@ -175,6 +171,9 @@ class BrokerSettings:
     ops: OpsSettings = OpsSettings()
     #: ``[ota] signing_key``: sign every MODEL with this Ed25519 key (None: unsigned)
     signing_key: Path | None = None
+    #: ``[ota] statement_lifetime`` in seconds: signed statements expire and are re-signed (None: no
+    #: expiry); the default is broker_server.pki.release_signer.DEFAULT_STATEMENT_LIFETIME_S (a day)
+    statement_lifetime_s: float | None = 86400.0
 
 
 def read_document(path: Path) -> Document:
@@ -268,6 +267,7 @@ def build_settings(doc: Document) -> BrokerSettings:
         rollout=doc.get("rollout"),
         privacy=doc.get("privacy"),
         clusters=doc.get("clusters"),
+        secagg=doc.get("secagg"),
     )
     ops = doc.get("ops", {})
     port = _opt_int(ops, "ops", "port")
@@ -286,7 +286,16 @@ def build_settings(doc: Document) -> BrokerSettings:
         client_id=client_id,
         ops=OpsSettings(port=port, host=_str(ops, "ops", "host", DEFAULT_OPS_HOST)),
         signing_key=_signing_key(doc.get("ota", {})),
+        statement_lifetime_s=_statement_lifetime(doc.get("ota", {})),
     )
+
+
+def _statement_lifetime(ota: Mapping[str, Any]) -> float | None:
+    from broker_server.pki.release_signer import DEFAULT_STATEMENT_LIFETIME_S, parse_statement_lifetime
+
+    if "statement_lifetime" not in ota:
+        return DEFAULT_STATEMENT_LIFETIME_S
+    return parse_statement_lifetime(ota["statement_lifetime"], key="ota.statement_lifetime")
 
 
 def _signing_key(ota: Mapping[str, Any]) -> Path | None:
@@ -294,105 +303,3 @@ def _signing_key(ota: Mapping[str, Any]) -> Path | None:
     if value is not None and not Path(value).is_file():
         raise ConfigError(f"ota.signing_key: {value} is not a file (make one: fedflock pki signing-key)")
     return None if value is None else Path(value)
-
-
-# -- value checks: every message names the key (and the flag that sets it) ----------------------
-
-
-def _where(key: str) -> str:
-    flag = _FLAG_OF.get(key)
-    return f"{key} ({flag})" if flag else key
-
-
-def _int(table: Mapping[str, Any], name: str, key: str, default: int, minimum: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{_where(f'{name}.{key}')}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(table: Mapping[str, Any], name: str, key: str, default: float, minimum: float) -> float:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{_where(f'{name}.{key}')}: expected a finite number >= {minimum:g}, got {value!r}")
-    return float(value)
-
-
-def _positive(table: Mapping[str, Any], name: str, key: str, default: float) -> float:
-    value = _number(table, name, key, default, 0.0)
-    if value <= 0:
-        raise ConfigError(f"{_where(f'{name}.{key}')}: must be > 0, got {table.get(key)!r}")
-    return value
-
-
-def _bool(table: Mapping[str, Any], name: str, key: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{_where(f'{name}.{key}')}: expected true or false, got {value!r}")
-    return value
-
-
-def _str(table: Mapping[str, Any], name: str, key: str, default: str) -> str:
-    return _text(table.get(key, default), f"{name}.{key}")
-
-
-def _choice(table: Mapping[str, Any], name: str, key: str, default: str, choices: tuple[str, ...]) -> str:
-    value = table.get(key, default)
-    if value not in choices:
-        raise ConfigError(f"{_where(f'{name}.{key}')}: expected one of {', '.join(choices)}, got {value!r}")
-    return str(value)
-
-
-def _text(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{_where(key)}: expected a non-empty string, got {value!r}")
-    return value
-
-
-def _opt(value: Any, key: str, kind: type, what: str) -> Any:
-    if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{_where(key)}: expected {what}, got {value!r}")
-    return value
-
-
-def _opt_int(table: Mapping[str, Any], name: str, key: str) -> int | None:
-    return None if table.get(key) is None else _int(table, name, key, 0, 1)
-
-
-def _opt_number(table: Mapping[str, Any], name: str, key: str) -> float | None:
-    return None if table.get(key) is None else _positive(table, name, key, 1.0)
-
-
-def _opt_path(table: Mapping[str, Any], key: str) -> Path | None:
-    value = _opt(table.get(key), f"server.{key}", str, "a path")
-    return None if value is None else Path(value)
-
-
-def _str_list(
-    table: Mapping[str, Any], name: str, key: str, default: list[str], *, allow_empty: bool = False
-) -> list[str]:
-    value = table.get(key, default)
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{_where(f'{name}.{key}')}: expected a list of names, got {value!r}")
-    if not value and not allow_empty:
-        raise ConfigError(f"{_where(f'{name}.{key}')}: must name at least one")
-    return value
-
-
-def _model_channel(value: Any) -> str | None:
-    if value is False:
-        return None  # no announcement
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"server.model_channel: expected a channel name or false, got {value!r}")
-    return value
-
-
-def _hyperparameters(table: Mapping[str, Any]) -> dict[str, float | tuple[float, ...]]:
-    out: dict[str, float | tuple[float, ...]] = {}
-    for name, value in table.items():
-        values = value if isinstance(value, list) else [value]
-        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise ConfigError(f"hyperparameters.{name}: expected a number or a list of numbers, got {value!r}")
-        floats = tuple(float(v) for v in values)
-        out[name] = floats if isinstance(value, list) else floats[0]
-    return out

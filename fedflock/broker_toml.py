@@ -33,6 +33,7 @@ _TABLE_ORDER = (
     "rollout",
     "clusters",
     "privacy",
+    "secagg",
     "ota",
 )
 
@@ -96,10 +97,15 @@ def settings_document(settings: BrokerSettings) -> Document:
         "rollout": config.rollout,
         "clusters": config.clusters,
         "privacy": config.privacy,
+        "secagg": config.secagg,
     }
     doc.update({name: dict(table) for name, table in optional.items() if table is not None})
     if settings.signing_key is not None:
-        doc["ota"] = {"signing_key": str(settings.signing_key)}
+        lifetime = settings.statement_lifetime_s
+        doc["ota"] = {
+            "signing_key": str(settings.signing_key),
+            "statement_lifetime": "none" if lifetime is None else f"{lifetime:g}s",
+        }
     return doc
 
 

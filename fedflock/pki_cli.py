@@ -30,7 +30,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _reload(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--reload-pid", type=int, default=None, help="send SIGHUP to this Mosquitto pid afterwards")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--reload-pid", type=int, default=None, help="send SIGHUP to this Mosquitto pid afterwards")
+    target.add_argument(
+        "--reload-pid-file", type=Path, default=None, help="... to the pid in this file (Mosquitto's pid_file)"
+    )
 
 
 def add_pki_arguments(pki: argparse.ArgumentParser) -> None:
@@ -52,7 +56,9 @@ def add_pki_arguments(pki: argparse.ArgumentParser) -> None:
     revoke.add_argument("--password-file", type=Path, default=None, help="also remove its password entry")
     revoke.add_argument("--acl-file", type=Path, default=None, help="also rewrite this ACL (denies the device)")
     crl = sub.add_parser("crl", help="re-sign the CRL (do it before its next-update time; default 30 days)")
-    crl.add_argument("--days", type=int, default=30)
+    crl.add_argument("--days", type=int, default=30, help="validity of the new CRL")
+    crl.add_argument("--renew", action="store_true", help="only if due (a timer runs this daily; reload only then)")
+    crl.add_argument("--renew-before", type=int, default=10, help="--renew: due this many days before expiry")
     passwd = sub.add_parser("passwd", help="Mosquitto password-file entries")
     passwd.add_argument("action", choices=("add", "remove"))
     passwd.add_argument("device_id")
@@ -79,6 +85,11 @@ def add_pki_arguments(pki: argparse.ArgumentParser) -> None:
     serve.add_argument("--cert-days", type=int, default=365)
     serve.add_argument("--password-file", type=Path, default=None, help="allow password enrollment into this file")
     serve.add_argument("--mqtt-url", default=None, help="the broker URL devices are told to use")
+    serve.add_argument("--client-rate", type=float, default=1.0, help="requests/s per client address (refill)")
+    serve.add_argument("--client-burst", type=float, default=20.0, help="requests at once per client address")
+    serve.add_argument("--global-rate", type=float, default=20.0, help="requests/s over all clients")
+    serve.add_argument("--global-burst", type=float, default=200.0, help="requests at once over all clients")
+    serve.add_argument("--failed-token-cost", type=float, default=10.0, help="requests a refused token counts as")
     sub.add_parser("list", help="the certificates issued, revoked, and tokens pending")
     signing = sub.add_parser("signing-key", help="an Ed25519 key pair that signs bundles and MODELs")
     signing.add_argument("--name", default="release", help="files DIR/signing/NAME.key (0600) and NAME.pub")
@@ -149,14 +160,25 @@ def _revoke(store: PkiStore, args: argparse.Namespace) -> int:
         print(f"removed {name} from {args.password_file}")
     if args.acl_file is not None:
         _write_acl(store, args)
-    _signal_reload(args.reload_pid)
+    _reload_mosquitto(args)
     return 0
 
 
 def _crl(store: PkiStore, args: argparse.Namespace) -> int:
-    store.write_crl(args.days)
-    print(f"CRL {store.crl} re-signed, valid for {args.days} days")
-    _signal_reload(args.reload_pid)
+    if not args.renew:
+        store.write_crl(args.days)
+        print(f"CRL {store.crl} re-signed, valid for {args.days} days")
+        _reload_mosquitto(args)
+        return 0
+    from broker_server.pki.crl_renewal import next_update
+
+    reason = store.renew_crl(args.days, args.renew_before)
+    if reason is None:
+        expiry = next_update(store.crl.read_bytes())
+        print(f"CRL {store.crl} valid until {expiry.isoformat() if expiry else '?'}: not due, unchanged")
+        return 0
+    print(f"CRL {store.crl} re-signed, valid for {args.days} days ({reason})")
+    _reload_mosquitto(args)
     return 0
 
 
@@ -179,7 +201,7 @@ def _passwd(store: PkiStore, args: argparse.Namespace) -> int:
         print(
             f"added {name} to {args.password_file}" + (f"; its password (shown once): {password}" if generated else "")
         )
-    _signal_reload(args.reload_pid)
+    _reload_mosquitto(args)
     return 0
 
 
@@ -242,11 +264,19 @@ def _token(store: PkiStore, args: argparse.Namespace) -> int:
 
 def _enroll_server(store: PkiStore, args: argparse.Namespace) -> int:
     from broker_server.pki.enroll_server import EnrollmentConfig, EnrollmentServer
+    from broker_server.pki.rate_limit import RateLimits
 
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"--listen {args.listen!r}: expected HOST:PORT")
     store.authority()
+    limits = RateLimits(
+        client_rate=args.client_rate,
+        client_burst=args.client_burst,
+        global_rate=args.global_rate,
+        global_burst=args.global_burst,
+        failure_cost=args.failed_token_cost,
+    )
     config = EnrollmentConfig(
         host=host,
         port=int(port),
@@ -255,11 +285,12 @@ def _enroll_server(store: PkiStore, args: argparse.Namespace) -> int:
         cert_days=args.cert_days,
         password_file=args.password_file,
         mqtt_url=args.mqtt_url,
+        limits=limits,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EnrollmentServer(store, config, on_change=lambda: _signal_reload(args.reload_pid)) as server:
+    with EnrollmentServer(store, config, on_change=lambda: _reload_mosquitto(args)) as server:
         print(f"enrollment endpoint at {server.url}", flush=True)
         stop.wait()
     return 0
@@ -295,6 +326,35 @@ def _sign_bundle(store: PkiStore, args: argparse.Namespace) -> int:
     path = sign_bundle(args.bundle, key)
     print(f"{path} written: bundle signed by key {key.key_id}")
     return 0
+
+
+def _reload_mosquitto(args: argparse.Namespace) -> None:
+    """SIGHUP Mosquitto (``--reload-pid`` or the pid in ``--reload-pid-file``), if one is given."""
+    if args.reload_pid_file is not None:
+        _signal_reload(_mosquitto_pid(args.reload_pid_file))
+    else:
+        _signal_reload(args.reload_pid)
+
+
+def _mosquitto_pid(path: Path) -> int:
+    """The pid in a pid file, checked (where /proc exists) to be a running Mosquitto: a stale file
+    after a crash may name an unrelated process, which SIGHUP would usually terminate."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--reload-pid-file {path}: cannot read it: {exc}") from exc
+    if not text.isdigit() or int(text) < 2:
+        raise ConfigError(f"--reload-pid-file {path}: {text[:20]!r} is not a process id")
+    pid = int(text)
+    proc = Path("/proc")
+    if proc.is_dir():
+        try:
+            name = (proc / str(pid) / "comm").read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            raise ConfigError(f"--reload-pid-file {path}: no process {pid} (Mosquitto not running?)") from None
+        if name != "mosquitto":
+            raise ConfigError(f"--reload-pid-file {path}: process {pid} is {name!r}, not mosquitto: stale pid file?")
+    return pid
 
 
 def _signal_reload(pid: int | None) -> None:

@@ -8,7 +8,10 @@
         -> 200 {"device_id", "username", "password", "ca_certificate", "mqtt_url"?}
 
 Errors are JSON ``{"error": "..."}``: 400 (malformed request or CSR: the token is NOT used up),
-403 (token unknown, used or expired: one message for all three), 404, 405, 411, 413. The
+403 (token unknown, used or expired: one message for all three), 404, 405, 411, 413, and 429
+with ``Retry-After`` (seconds) when the client's or the endpoint's rate limit is reached
+(:mod:`.rate_limit`: a token bucket per client address and a global one; a refused token costs
+its client ``failure_cost`` requests; the request's token is not looked at, so it is not used up). The
 certificate's CN is the token's device id whatever the CSR asks for; the private key never
 leaves the device. A password is generated here, written (hashed) into Mosquitto's password file
 and returned once. ``on_change`` runs after the password file changed (e.g. SIGHUP Mosquitto).
@@ -23,13 +26,15 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from broker_server.pki.passwords import PasswordFile, new_password
+from broker_server.pki.rate_limit import EnrollmentLimiter, RateLimits
 from broker_server.pki.store import PkiStore
 from broker_server.pki.tokens import TokenRefused
 from edge_agent.errors import ConfigError, FedflockError, TransportError
@@ -52,6 +57,7 @@ class EnrollmentConfig:
     password_file: Path | None = None
     mqtt_url: str | None = None
     request_timeout_s: float = 10.0
+    limits: RateLimits = field(default_factory=RateLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -67,11 +73,22 @@ class _Refusal(Exception):
 
 
 class EnrollmentServer:
-    """``start()`` binds and serves on a thread; ``close()`` stops. No I/O in the constructor."""
+    """``start()`` binds and serves on a thread; ``close()`` stops. No I/O in the constructor.
 
-    def __init__(self, store: PkiStore, config: EnrollmentConfig, *, on_change: Callable[[], None] | None = None):
+    ``clock`` (monotonic seconds) drives the rate limits (``config.limits``).
+    """
+
+    def __init__(
+        self,
+        store: PkiStore,
+        config: EnrollmentConfig,
+        *,
+        on_change: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._store, self.config = store, config
         self._on_change = on_change
+        self.limiter = EnrollmentLimiter(config.limits, clock=clock)
         self._lock = threading.Lock()  # one password-file edit at a time in this process
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -173,11 +190,21 @@ def _handler_class(server: EnrollmentServer) -> type[BaseHTTPRequestHandler]:
             super().setup()
 
         def do_POST(self) -> None:
+            client = str(self.client_address[0])
+            retry_after = server.limiter.admit(client)
+            if retry_after is not None:
+                self._drain()
+                log.info("enrollment request from %s rate limited (retry after %d s)", client, retry_after)
+                message = f"too many enrollment requests; retry after {retry_after} s"
+                self._send(429, {"error": message}, {"Retry-After": str(retry_after)})
+                return
             try:
                 if self.path != ENROLL_PATH:
                     raise _Refusal(404, f"no such endpoint; POST {ENROLL_PATH}")
                 self._send(200, server.answer(self._body()))
             except _Refusal as refusal:
+                if refusal.status == 403:  # a refused token: its client pays more (guessing slows down)
+                    server.limiter.failed(client)
                 self._send(refusal.status, {"error": refusal.message})
             except FedflockError as exc:  # storage trouble: the operator must look, the device retries later
                 log.error("enrollment failed: [%s] %s", exc.code, exc.reason)
@@ -200,12 +227,21 @@ def _handler_class(server: EnrollmentServer) -> type[BaseHTTPRequestHandler]:
                 raise _Refusal(400, "the body must be a JSON object")
             return body
 
-        def _send(self, status: int, body: dict[str, Any]) -> None:
+        def _drain(self) -> None:
+            """Read a refused request's body (bounded): closing with unread bytes could reset the
+            connection before the client reads the answer."""
+            length = self.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) <= MAX_BODY:
+                self.rfile.read(int(length))
+
+        def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(data)
 

@@ -31,6 +31,7 @@ from typing import Any
 from cryptography import x509
 
 from broker_server.pki import certs
+from broker_server.pki.crl_renewal import CRL_RENEW_BEFORE_DAYS, renewal_reason
 from broker_server.pki.tokens import TokenBook
 from edge_agent.errors import ConfigError, StorageError
 from edge_agent.files import atomic_write
@@ -226,6 +227,29 @@ class PkiStore:
         _positive(days, "--days")
         with self._locked():
             self._write_crl(self.authority(), self.records(), days)
+
+    def renew_crl(self, days: int = CRL_DAYS, renew_before_days: int = CRL_RENEW_BEFORE_DAYS) -> str | None:
+        """Re-sign the CRL (valid ``days``) only if it is due (:func:`~.crl_renewal.renewal_reason`,
+        e.g. its next update is at most ``renew_before_days`` away); returns why it was, or None
+        when nothing was written. Decided and written under the directory lock, atomically."""
+        _positive(days, "--days")
+        _positive(renew_before_days, "--renew-before")
+        if renew_before_days >= days:  # a fresh CRL would be due at once: every run would re-sign
+            raise ConfigError(f"--renew-before ({renew_before_days}) must be less than --days ({days})")
+        with self._locked():
+            ca, records = self.authority(), self.records()
+            try:
+                current: bytes | None = self.crl.read_bytes()
+            except FileNotFoundError:
+                current = None
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.crl}: {exc.strerror or exc}") from exc
+            revoked = {int(r.serial, 16) for r in records if r.revoked_at is not None}
+            window = datetime.timedelta(days=renew_before_days)
+            reason = renewal_reason(current, ca, revoked, self._clock(), window)
+            if reason is not None:
+                self._write_crl(ca, records, days)
+            return reason
 
     def _write_crl(self, ca: certs.CertificateAuthority, records: list[CertRecord], days: int) -> None:
         revoked = [

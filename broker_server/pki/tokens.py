@@ -10,7 +10,9 @@ point has burnt the token, and the operator issues a new one (fail closed).
 Why a bearer token and not, e.g., a pre-shared CA pin: the device must prove it is the device
 the operator meant, once, over a channel it can verify. The enrollment endpoint is HTTPS with
 the fedflock CA (the device gets ``ca.crt`` with the token), so the token is never visible on
-the network; 256 bits make guessing useless, so no rate limit is needed for safety.
+the network; 256 bits make guessing useless. The endpoint's rate limits (``rate_limit.py``)
+protect its resources and slow a client presenting bad tokens; the tokens' safety does not
+depend on them.
 """
 
 from __future__ import annotations

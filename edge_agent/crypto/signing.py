@@ -117,9 +117,12 @@ def sign_bundle(directory: Path, key: SigningKey) -> Path:
     return path
 
 
-def sign_release(model: ModelMessage, key: SigningKey, *, issued_at: int) -> ModelMessage:
-    """``model`` stamped ``issued_at`` (Unix ms, >= 1) and signed: its release statement's signature."""
+def sign_release(model: ModelMessage, key: SigningKey, *, issued_at: int, expires_at: int = 0) -> ModelMessage:
+    """``model`` stamped ``issued_at`` (Unix ms, >= 1) and ``expires_at`` (Unix ms after ``issued_at``;
+    0: no expiry, a v1 statement) and signed: its release statement's signature."""
     if issued_at < 1:
         raise ConfigError(f"issued_at must be >= 1 (Unix milliseconds), got {issued_at}")
-    stamped = replace(model, issued_at=issued_at, signing_key=key.public_key.hex(), signature="")
+    if expires_at != 0 and expires_at <= issued_at:
+        raise ConfigError(f"expires_at ({expires_at}) must be after issued_at ({issued_at}), or 0 for none")
+    stamped = replace(model, issued_at=issued_at, expires_at=expires_at, signing_key=key.public_key.hex(), signature="")
     return replace(stamped, signature=key.sign(release_statement(stamped)).hex())

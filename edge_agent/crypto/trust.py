@@ -2,13 +2,15 @@
 
 * :meth:`TrustedKeys.check_statement` — a MODEL's signed release statement
   (:func:`~edge_agent.protocol.model_messages.release_statement`), checked when the MODEL
-  arrives, before anything is fetched;
+  arrives, before anything is fetched; then whether it holds at the device's time
+  (:mod:`.freshness`: expiry, clock skew, ``require_expiry``: the keys' :attr:`~TrustedKeys.freshness`);
 * :meth:`TrustedKeys.check_bundle` — a bundle directory's ``manifest.sig`` over its
   ``manifest.json`` (which pins every file's sha256), checked in the model store's ``signature``
   stage: after the archive is unpacked into staging and its files verified, before the model is
   validated (run) or activated.
 
-Either raises :class:`SignatureError` with a reason that tells unsigned, signed by a key that is
+Either raises :class:`SignatureError` (a :class:`~.freshness.StaleStatement` for a statement
+outside its validity window) with a reason that tells unsigned, signed by a key that is
 not trusted, and a signature that does not match (tampered) apart. Several keys may be trusted at
 once (key rotation: trust the new key, re-sign, then drop the old one).
 """
@@ -18,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.crypto import ed25519
-from edge_agent.errors import ConfigError, IntegrityError, MalformedMessage
+from edge_agent.crypto.errors import SignatureError
+from edge_agent.crypto.freshness import FreshnessPolicy, check_freshness
+from edge_agent.errors import ConfigError, MalformedMessage
 from edge_agent.protocol.manifest import MANIFEST_FILE
 from edge_agent.protocol.model_messages import (
     ModelMessage,
@@ -38,12 +42,6 @@ SIGNATURE_FILE = "manifest.sig"
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
-class SignatureError(IntegrityError):
-    """An artifact that is unsigned, signed by a key that is not trusted, or whose signature does not match."""
-
-    code = "signature_error"
-
-
 def key_id(public_key: bytes) -> str:
     """A short name for a key in logs and reasons: the first 16 hex digits of its sha256."""
     return hashlib.sha256(public_key).hexdigest()[:16]
@@ -51,9 +49,14 @@ def key_id(public_key: bytes) -> str:
 
 @dataclass(frozen=True)
 class TrustedKeys:
-    """Raw 32-byte Ed25519 public keys; an empty set trusts nothing (callers skip the checks then)."""
+    """Raw 32-byte Ed25519 public keys; an empty set trusts nothing (callers skip the checks then).
+
+    ``freshness``: how long what these keys sign holds on this device (``[ota] require_expiry``,
+    ``max_clock_skew_s``), checked with the signature by :meth:`check_statement`.
+    """
 
     keys: tuple[bytes, ...]
+    freshness: FreshnessPolicy = field(default_factory=FreshnessPolicy)
 
     @classmethod
     def parse(cls, values: Iterable[str], *, source: str = "ota.trusted_keys") -> TrustedKeys:
@@ -86,14 +89,20 @@ class TrustedKeys:
     def describe(self) -> str:
         return ", ".join(key_id(k) for k in self.keys) or "none"
 
-    def check_statement(self, model: ModelMessage) -> str:
-        """Verify ``model``'s signature over its release statement; returns the signing key's id."""
+    def check_statement(self, model: ModelMessage, *, now_ms: int) -> str:
+        """Verify ``model``'s signature over its release statement, then that the statement holds at
+        ``now_ms`` (the device's wall clock, Unix ms); returns the signing key's id."""
         what = f"MODEL v{model.version} on {model.channel}"
         if not model.signature or not model.signing_key or model.issued_at <= 0:
             raise SignatureError(f"{what} is unsigned (no signature, signing_key or issued_at)")
-        return self._check(
+        name = self._check(
             bytes.fromhex(model.signing_key), release_statement(model), bytes.fromhex(model.signature), what
         )
+        # only now are issued_at and expires_at the signer's words
+        check_freshness(
+            issued_at=model.issued_at, expires_at=model.expires_at, now_ms=now_ms, policy=self.freshness, what=what
+        )
+        return name
 
     def check_bundle(self, directory: Path) -> str:
         """Verify ``directory/manifest.sig`` over ``directory/manifest.json``; returns the key's id.

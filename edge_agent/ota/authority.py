@@ -17,12 +17,18 @@ old statement from being replayed to move the device backwards:
 
 :func:`statement_refusal` is the pure decision; :class:`ReleaseAuthority` persists the record
 (read on first use, written atomically; a write failure is logged and the record kept in memory).
+
+**Re-signed statements.** A server re-signs the statements it keeps retained before they expire
+(``broker_server/pki/statement_refresh.py``): same fields, same ``issued_at``, a later
+``expires_at`` and a new signature. Keeping ``issued_at`` keeps every rule above as it was — a
+re-signed copy is the same decision, never a newer one (so re-signing an old baseline statement
+cannot make it outrank the install that came after it). :func:`same_release` tells such a copy.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge_agent.errors import StorageError
@@ -30,7 +36,7 @@ from edge_agent.ota import staging as disk
 from edge_agent.ota.reports import InstalledModel
 from edge_agent.protocol.model_messages import ModelMessage
 
-__all__ = ["AUTHORITY_FILE", "DirectedRecord", "ReleaseAuthority", "statement_refusal"]
+__all__ = ["AUTHORITY_FILE", "DirectedRecord", "ReleaseAuthority", "same_release", "statement_refusal"]
 
 _log = logging.getLogger("fedflock.ota")
 
@@ -74,6 +80,13 @@ def statement_refusal(
             f"is not newer than the one v{installed.version} was installed with (issued at {installed.issued_at})"
         )
     return None
+
+
+def same_release(model: ModelMessage, other: ModelMessage | None) -> bool:
+    """Whether ``model`` is ``other``, or ``other`` re-signed (only ``expires_at`` and ``signature`` differ)."""
+    if other is None:
+        return False
+    return replace(model, expires_at=0, signature="") == replace(other, expires_at=0, signature="")
 
 
 class ReleaseAuthority:

@@ -3,12 +3,13 @@
 :class:`ReleaseGate` is what :class:`~edge_agent.ota.updater.ModelUpdater` asks, in this order:
 
 1. :meth:`ReleaseGate.refusal` when a MODEL for this device arrives, *before* anything is
-   remembered or fetched: the release statement must be signed by a trusted key (stage
-   ``signature``), and must pass the replay and downgrade rules of :mod:`.authority` (stage
-   ``downgrade``). Refusals of directed MODELs and every signature failure are reported in
-   STATUS ``install`` (with ``version`` null, so a rogue publisher's MODEL never counts as a
-   failed install in a rollout's health); a channel announcement the rules set aside is only logged
-   (a retained baseline announcement during a rollout is normal).
+   remembered or fetched: the release statement must be signed by a trusted key and hold at the
+   device's wall clock (not expired, not issued in the future: :mod:`edge_agent.crypto.freshness`;
+   both stage ``signature``, with their own codes), and must pass the replay and downgrade rules
+   of :mod:`.authority` (stage ``downgrade``). Refusals of directed MODELs and every signature
+   failure are reported in STATUS ``install`` (with ``version`` null, so a rogue publisher's
+   MODEL never counts as a failed install in a rollout's health); a channel announcement the
+   rules set aside is only logged (a retained baseline announcement during a rollout is normal).
 2. :meth:`ReleaseGate.accept` once a directed MODEL passed: it becomes the newest directed statement.
 3. :attr:`ReleaseGate.verify_bundle`, the model store's ``signature`` hook: ``manifest.sig`` by a
    trusted key, checked in staging before the bundle is run (validated) or activated.
@@ -20,6 +21,8 @@ the digests only, as before issue #7; the agent warns once at start).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +48,13 @@ class Refusal:
 
 
 class ReleaseGate:
-    def __init__(self, trusted: TrustedKeys, authority: ReleaseAuthority) -> None:
+    """``wall_clock``: Unix seconds, the device's time against which statements must hold."""
+
+    def __init__(
+        self, trusted: TrustedKeys, authority: ReleaseAuthority, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self.trusted, self.authority = trusted, authority
+        self._wall_clock = wall_clock
         self._reported: set[ModelMessage] = set()  # refused MODELs reported (retained ones come again)
 
     @property
@@ -70,7 +78,7 @@ class ReleaseGate:
         if not self.enabled:
             return None
         try:
-            self.trusted.check_statement(model)
+            self.trusted.check_statement(model, now_ms=int(self._wall_clock() * 1000))
         except SignatureError as exc:
             return Refusal("signature", exc, report=True)
         last = self.authority.last_directed()

@@ -33,8 +33,10 @@ Flow and decisions (docs/protocol.md §8.5):
 * A successful install's report carries the validation metrics of the new model and of the one
   it replaced, measured on the same rows (:mod:`.validation`).
 * With ``config.trusted_keys`` (issue #7) a MODEL must pass :mod:`.release_gate` first (signature,
-  replay, downgrade); a refused one changes nothing and :meth:`~ModelUpdater.handle` may return its
-  report. A bad ``manifest.sig`` gives the archive up until restart (it may come back re-signed).
+  expiry against the model store's wall clock, replay, downgrade); a refused one changes nothing
+  and :meth:`~ModelUpdater.handle` may return its report. A bad ``manifest.sig`` gives the archive
+  up until restart (it may come back re-signed). The pending statement re-signed by the server (a
+  later expiry, :func:`~.authority.same_release`) replaces it without disturbing the download.
 """
 
 from __future__ import annotations
@@ -55,14 +57,14 @@ from edge_agent.errors import (
     StorageError,
 )
 from edge_agent.ota import staging as disk
-from edge_agent.ota.authority import ReleaseAuthority
+from edge_agent.ota.authority import ReleaseAuthority, same_release
 from edge_agent.ota.refusals import REFUSED_FILE, RefusedModels
 from edge_agent.ota.release_gate import ReleaseGate
 from edge_agent.ota.reports import InstallReport
 from edge_agent.ota.staging import DownloadStaging
 from edge_agent.ota.store import ModelStore
 from edge_agent.ota.updater_config import UpdaterConfig
-from edge_agent.ota.validation import Validate, validation_metrics
+from edge_agent.ota.validation import Validate, replaced_model_metrics
 from edge_agent.protocol.chunks import chunk_problem
 from edge_agent.protocol.messages import (
     ACK_COMPLETE,
@@ -77,7 +79,6 @@ from edge_agent.protocol.messages import (
 )
 from edge_agent.protocol.model_messages import FetchMessage, ModelMessage, model_object_id, model_object_version
 from edge_agent.protocol.topics import Topics
-from edge_agent.runtime.bundle import Bundle
 
 __all__ = ["DOWNLOAD_STAGE", "REFUSED_FILE", "ModelUpdater", "UpdaterConfig"]
 
@@ -119,7 +120,7 @@ class ModelUpdater:
         self._refused = RefusedModels(staging.root, device_id)  # read on first use (no I/O here)
         self._channel_model: ModelMessage | None = None  # the channel's latest announcement
         self._directed: ModelMessage | None = None  # the server's word for this device (inbox)
-        self._gate = ReleaseGate(self.config.trusted_keys, ReleaseAuthority(staging.root, device_id))
+        self._gate = ReleaseGate(self.config.trusted_keys, ReleaseAuthority(staging.root, device_id), store.clock)
         self._bad_signatures: set[str] = set()  # archive sha256s whose bundle signature failed
         self._new_refusal: InstallReport | None = None  # set by announced(), returned by handle()
         if self.config.channel == device_id:
@@ -190,7 +191,9 @@ class ModelUpdater:
             if model is self._directed:
                 self._pending = None  # the server's word replaces any channel download
             return False
-        if model != self._pending:
+        if same_release(model, self._pending):  # the same statement re-signed (a later expiry): go on
+            self._pending = model
+        else:
             _log.info("%s: model v%d (%s) announced", self.device_id, model.version, model.bundle_digest[:12])
             self._pending, self._failures, self._unanswered, self._next_fetch_at = model, 0, 0, -math.inf
             self._discard_stale_downloads(keep=model_object_id(model.version))
@@ -328,7 +331,8 @@ class ModelUpdater:
             _log.warning("%s: cannot remove the staged download %s: %s", self.device_id, object_id, exc.reason)
         if report.ok:
             self._pending, self._installed = None, (object_id, model.archive_sha256)
-            return replace(report, previous_metrics=self._previous_metrics())
+            previous = replaced_model_metrics(self.store.previous(), self._validate, device_id=self.device_id)
+            return replace(report, previous_metrics=previous)
         transient = report.code == StorageError.code
         if report.stage == "signature":  # not for good: it may come back signed by a trusted key
             self._bad_signatures.add(model.archive_sha256)
@@ -336,17 +340,6 @@ class ModelUpdater:
             self._refused.add((model.version, model.bundle_digest))
         self._pending_failed(model, transient)
         return report
-
-    def _previous_metrics(self) -> dict[str, float]:
-        """The replaced model's validation metrics on the same rows (a rollout's baseline)."""
-        previous = self.store.previous()
-        if previous is None:
-            return {}
-        try:
-            return validation_metrics(self._validate(Bundle.open(previous.path)))
-        except FedflockError as exc:
-            _log.warning("%s: cannot evaluate the previous model v%d: %s", self.device_id, previous.version, exc.reason)
-            return {}
 
     def _failed(self, model: ModelMessage, exc: FedflockError, *, transient: bool) -> InstallReport:
         _log.warning("%s: download of model v%d failed (%s): %s", self.device_id, model.version, exc.code, exc.reason)

@@ -9,14 +9,24 @@ where a staged rollout compares a canary's metric with the baseline's.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from edge_agent.errors import BundleError
+from edge_agent.errors import BundleError, FedflockError
+from edge_agent.ota.reports import InstalledModel
 from edge_agent.runtime.bundle import Bundle
 
-__all__ = ["VALIDATION_EXAMPLES", "Validate", "evaluation_validator", "validation_metrics"]
+__all__ = [
+    "VALIDATION_EXAMPLES",
+    "Validate",
+    "evaluation_validator",
+    "replaced_model_metrics",
+    "validation_metrics",
+]
+
+_log = logging.getLogger("fedflock.ota")
 
 #: rows an :func:`evaluation_validator` evaluates (one batch: an install must stay cheap)
 VALIDATION_EXAMPLES = 32
@@ -36,6 +46,18 @@ def validation_metrics(value: float | Mapping[str, float] | None) -> dict[str, f
         raise BundleError(f"validation produced a non-finite value ({loss})")
     metrics = {str(k): float(v) for k, v in raw.items()}
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def replaced_model_metrics(previous: InstalledModel | None, validate: Validate, *, device_id: str) -> dict[str, float]:
+    """The replaced model's validation metrics on the same rows (a rollout's baseline); {} when
+    there is none or it cannot be evaluated (logged: the install itself succeeded)."""
+    if previous is None:
+        return {}
+    try:
+        return validation_metrics(validate(Bundle.open(previous.path)))
+    except FedflockError as exc:
+        _log.warning("%s: cannot evaluate the previous model v%d: %s", device_id, previous.version, exc.reason)
+        return {}
 
 
 def evaluation_validator(x: Any, y: Any, *, examples: int = VALIDATION_EXAMPLES) -> Validate:

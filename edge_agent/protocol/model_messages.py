@@ -8,14 +8,16 @@ MODEL, server -> every device, **retained** on ``{prefix}/models/{channel}``, Qo
     bundle_digest   64 hex: sha256 of the bundle's manifest.json (ModelStore checks it on install)
     archive_sha256  64 hex: sha256 of the archive bytes (edge_agent.ota.pack_bundle) sent on FETCH
     archive_size    integer >= 1: their length (a device refuses what exceeds its limit *before* fetching)
-    issued_at       optional integer >= 0: when the server signed it, Unix milliseconds (0/omitted: unsigned)
+    issued_at       optional integer >= 0: when the server issued it, Unix milliseconds (0/omitted: unsigned)
+    expires_at      optional integer >= 0: Unix ms after which it no longer holds (0/omitted: no expiry, v1)
     rollout_id      optional string (printable ASCII, no spaces, <= 128): the staged rollout of a directed MODEL
     signing_key     optional 64 hex: the Ed25519 public key that made ``signature``
     signature       optional hex: Ed25519 signature (128 hex) of :func:`release_statement` (issue #7)
 
 The signed *release statement* (:func:`release_statement`) covers every field above but the
-signature itself, domain-separated (docs/protocol.md §8.5 gives the exact bytes); a bundle's
-``manifest.sig`` is the line :func:`bundle_signature_line` over :func:`bundle_signed_bytes`.
+signature itself, domain-separated (docs/protocol.md §8.5 gives the exact bytes: ``v2`` with
+``expires_at``, ``v1`` without); a bundle's ``manifest.sig`` is the line
+:func:`bundle_signature_line` over :func:`bundle_signed_bytes`.
 
 FETCH, device -> server on the device's ``results`` topic, QoS 1, no payload::
 
@@ -48,6 +50,7 @@ __all__ = [
     "MAX_SIGNATURE_CHARS",
     "MODEL",
     "RELEASE_CONTEXT",
+    "RELEASE_CONTEXT_V2",
     "ROLLOUT_ID_PATTERN",
     "FetchMessage",
     "ModelMessage",
@@ -74,6 +77,8 @@ _KEY_HEX = re.compile(r"^[0-9a-f]{64}$")
 _SIG_HEX = re.compile(r"^[0-9a-f]{128}$")
 #: first line of a release statement (domain separation: no other signed fedflock text starts so)
 RELEASE_CONTEXT = "fedflock release statement v1"
+#: first line of a release statement that carries ``expires_at`` (edge_agent.crypto.freshness)
+RELEASE_CONTEXT_V2 = "fedflock release statement v2"
 #: prefix of the bytes a bundle signature covers, followed by the manifest.json bytes
 BUNDLE_CONTEXT = b"fedflock bundle manifest v1\n"
 
@@ -107,8 +112,10 @@ class ModelMessage:
     bundle_digest: str
     archive_sha256: str
     archive_size: int
-    #: Unix milliseconds when the server signed the statement (0: unsigned); orders a device's statements
+    #: Unix milliseconds when the server issued the statement (0: unsigned); orders a device's statements
     issued_at: int = 0
+    #: Unix milliseconds after which the statement no longer holds (0: no expiry; a v1 statement)
+    expires_at: int = 0
     #: the staged rollout a directed MODEL belongs to ("" on channel announcements)
     rollout_id: str = ""
     #: the Ed25519 public key (64 hex) that made ``signature`` ("" when unsigned)
@@ -162,6 +169,7 @@ def model_header(message: ModelMessage | FetchMessage) -> tuple[int, dict[str, A
     }
     optional = {
         "issued_at": message.issued_at,
+        "expires_at": message.expires_at,
         "rollout_id": message.rollout_id,
         "signing_key": message.signing_key,
         "signature": message.signature,
@@ -182,6 +190,7 @@ def decode_model(h: Header, payload: memoryview) -> ModelMessage:
         archive_sha256=_sha256(h, "archive_sha256"),
         archive_size=h.int_field("archive_size", minimum=1),
         issued_at=h.int_field("issued_at", minimum=0) if "issued_at" in h.raw else 0,
+        expires_at=h.int_field("expires_at", minimum=0) if "expires_at" in h.raw else 0,
         rollout_id=h.str_field("rollout_id") if "rollout_id" in h.raw else "",
         signing_key=h.str_field("signing_key") if "signing_key" in h.raw else "",
         signature=h.str_field("signature") if "signature" in h.raw else "",
@@ -200,11 +209,14 @@ def release_statement(message: ModelMessage) -> bytes:
 
     ``RELEASE_CONTEXT``, then ``key=value`` for channel, version, bundle_digest, archive_sha256,
     archive_size, rollout_id, issued_at, in this order; integers in decimal without leading zeros.
+    With ``expires_at`` (> 0) the first line is ``RELEASE_CONTEXT_V2`` and ``expires_at`` follows
+    ``issued_at``, so an expiry can be neither removed nor changed without breaking the signature.
     """
     if not ROLLOUT_ID_PATTERN.match(message.rollout_id):
         raise ContractViolation(f"rollout id {message.rollout_id[:40]!r} cannot be signed: printable ASCII, no spaces")
+    expiry = (f"expires_at={message.expires_at}",) if message.expires_at else ()
     lines = (
-        RELEASE_CONTEXT,
+        RELEASE_CONTEXT_V2 if message.expires_at else RELEASE_CONTEXT,
         f"channel={message.channel}",
         f"version={message.version}",
         f"bundle_digest={message.bundle_digest}",
@@ -212,6 +224,7 @@ def release_statement(message: ModelMessage) -> bytes:
         f"archive_size={message.archive_size}",
         f"rollout_id={message.rollout_id}",
         f"issued_at={message.issued_at}",
+        *expiry,
     )
     return "".join(f"{line}\n" for line in lines).encode("ascii")
 

@@ -246,3 +246,21 @@ def test_an_unreadable_or_invalid_file_is_a_config_error(tmp_path: Path) -> None
         resolve_settings(build_parser().parse_args(["broker", "--config", str(tmp_path / "missing.toml")]))
     with pytest.raises(ConfigError, match=r"broker config .*broker\.toml is not valid TOML: .*line 1"):
         load(tmp_path, "[server\n")
+
+
+def test_the_ota_statement_lifetime(tmp_path: Path) -> None:
+    from broker_server.pki.release_signer import DEFAULT_STATEMENT_LIFETIME_S
+    from fedflock.broker_toml import render_settings
+
+    key = tmp_path / "conf" / "release.key"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("not read while parsing")
+    base = f'[server]\nbundle = "b"\n\n[ota]\nsigning_key = "{key}"\n'
+    default = load(tmp_path, base).statement_lifetime_s
+    assert default == DEFAULT_STATEMENT_LIFETIME_S == BrokerSettings.statement_lifetime_s
+    settings = load(tmp_path, base + 'statement_lifetime = "7d"\n')
+    assert settings.statement_lifetime_s == 7 * 86400.0
+    assert 'statement_lifetime = "604800s"' in render_settings(settings)
+    assert load(tmp_path, base + 'statement_lifetime = "none"\n').statement_lifetime_s is None
+    with pytest.raises(ConfigError, match=r"ota\.statement_lifetime"):
+        load(tmp_path, base + 'statement_lifetime = "1w"\n')

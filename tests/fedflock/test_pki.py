@@ -7,6 +7,7 @@ test_enroll.py; these check the parts one by one.
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
 import stat
 import subprocess
@@ -143,3 +144,76 @@ def test_agent_enroll_refuses_plain_http_and_missing_flags(capsys: pytest.Captur
     assert "must be https://" in capsys.readouterr().err
     assert main(["agent", "enroll", "--token", "t"]) == 2
     assert "needs --url, --ca-file, --out" in capsys.readouterr().err
+
+
+def _crl_expiry(store: PkiStore) -> datetime.datetime:
+    expiry = x509.load_pem_x509_crl(store.crl.read_bytes()).next_update_utc
+    assert expiry is not None
+    return expiry
+
+
+def test_the_crl_is_renewed_only_when_due(tmp_path: Path) -> None:
+    now = [utc_now()]
+    store = PkiStore(tmp_path / "pki", clock=lambda: now[0])
+    store.init("CA", 365)  # the first CRL: 30 days
+    before = store.crl.read_bytes()
+    assert store.renew_crl(days=30, renew_before_days=10) is None and store.crl.read_bytes() == before
+    now[0] += datetime.timedelta(days=19, hours=23)
+    assert store.renew_crl(days=30, renew_before_days=10) is None and store.crl.read_bytes() == before
+    now[0] += datetime.timedelta(hours=2)  # now less than 10 days are left
+    reason = store.renew_crl(days=30, renew_before_days=10)
+    assert reason is not None and "less than 10 day(s) away" in reason
+    assert _crl_expiry(store) - now[0] > datetime.timedelta(days=29)
+    renewed = store.crl.read_bytes()
+    assert store.renew_crl(days=30, renew_before_days=10) is None and store.crl.read_bytes() == renewed  # idempotent
+    now[0] += datetime.timedelta(days=31)  # missed every run: expired, so Mosquitto refuses everyone
+    assert "expired" in (store.renew_crl() or "")
+    assert sorted(p.name for p in store.root.iterdir() if p.name.startswith(".") and p.name != ".lock") == []
+
+
+def test_a_crl_that_does_not_match_the_index_or_the_ca_is_renewed(tmp_path: Path) -> None:
+    store = PkiStore(tmp_path / "pki")
+    store.init("CA", 365)
+    stale = store.crl.read_bytes()
+    serial = int(store.issue_client("dev-a", 30, kind="device").record.serial, 16)
+    store.revoke("dev-a")
+    store.crl.write_bytes(stale)  # the CRL from before the revocation (a restored backup)
+    assert store.renew_crl() == "the CRL lists 0 revoked certificate(s), the index 1"
+    assert x509.load_pem_x509_crl(store.crl.read_bytes()).get_revoked_certificate_by_serial_number(serial) is not None
+    other = PkiStore(tmp_path / "other")
+    other.init("another CA", 30)
+    store.crl.write_bytes(other.crl.read_bytes())
+    assert store.renew_crl() == "the CRL is not signed by this CA"
+    store.crl.write_bytes(b"garbage")
+    assert store.renew_crl() == "the CRL does not parse"
+    store.crl.unlink()
+    assert store.renew_crl() == "there is no CRL" and store.crl.is_file()
+    with pytest.raises(ConfigError, match=r"--renew-before \(30\) must be less than --days \(30\)"):
+        store.renew_crl(days=30, renew_before_days=30)
+
+
+@pytest.mark.timeout(30)  # enroll-server would serve forever if its flags were not refused
+def test_pki_crl_renew_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki = str(tmp_path / "pki")
+    assert main(["pki", "init", "--dir", pki]) == 0
+    capsys.readouterr()
+    crl = tmp_path / "pki" / "crl.pem"
+    before = crl.read_bytes()
+    assert main(["pki", "crl", "--renew", "--dir", pki]) == 0
+    assert "not due, unchanged" in capsys.readouterr().out and crl.read_bytes() == before
+    # due: the 30-day CRL init wrote has less than the 45 days left that this schedule wants
+    assert main(["pki", "crl", "--renew", "--days", "60", "--renew-before", "45", "--dir", pki]) == 0
+    assert "re-signed, valid for 60 days" in capsys.readouterr().out and crl.read_bytes() != before
+    # reloading: a pid file must name a running Mosquitto, never another process
+    pid_file = tmp_path / "mosquitto.pid"
+    pid_file.write_text(f"{os.getpid()}\n")
+    assert main(["pki", "crl", "--dir", pki, "--reload-pid-file", str(pid_file)]) == 2
+    assert "not mosquitto: stale pid file?" in capsys.readouterr().err
+    pid_file.write_text("garbage\n")
+    assert main(["pki", "crl", "--dir", pki, "--reload-pid-file", str(pid_file)]) == 2
+    assert "is not a process id" in capsys.readouterr().err
+    assert main(["pki", "crl", "--dir", pki, "--reload-pid-file", str(tmp_path / "none")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    # the enrollment endpoint's rate limits are checked before it binds anything
+    assert main(["pki", "enroll-server", "--dir", pki, "--listen", "127.0.0.1:0", "--client-rate", "0"]) == 2
+    assert "--client-rate must be a positive number" in capsys.readouterr().err

@@ -130,9 +130,9 @@ def test_the_publisher_signs_channel_announcements_and_directed_models(digits_bu
     inbound = device.receive(timeout=1)
     assert inbound is not None and decode_message(inbound.payload) == announced
     trusted = TrustedKeys((key.public_key,))
-    assert trusted.check_statement(announced) == key.key_id and announced.issued_at == 1_000_000
+    assert trusted.check_statement(announced, now_ms=1_000_000) == key.key_id and announced.issued_at == 1_000_000
     directed = publisher.announcement_of(1, "dev-7", "r-1")
     assert directed is not None and directed.rollout_id == "r-1" and directed.issued_at == 1_000_001
-    assert trusted.check_statement(directed) == key.key_id
+    assert trusted.check_statement(directed, now_ms=1_000_000) == key.key_id
     unsigned = ModelPublisher(topics).announcement_of(1, "dev-7")
     assert unsigned is None  # not held by that publisher
