@@ -23,8 +23,6 @@ import uuid
 from pathlib import Path
 
 from broker_server.mosquitto_process import MosquittoProcess
-from broker_server.server import ServerConfig
-from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from fedflock.drills.crash import CRASH_ENV
 from fedflock.drills.fleet import AgentFleet
@@ -32,7 +30,7 @@ from fedflock.drills.plans import Fault, FaultPlan
 from fedflock.drills.processes import wait_for
 from fedflock.drills.proxy import FaultProxy
 from fedflock.drills.report import DrillReport, check_exactly_once
-from fedflock.drills.server import DrillServer, LogCounter
+from fedflock.drills.server import DrillServer, LogCounter, drill_config
 
 __all__ = ["agent_kill_drill"]
 
@@ -46,18 +44,7 @@ def agent_kill_drill(
     began = time.monotonic()
     prefix = f"drill-kill-{uuid.uuid4().hex[:8]}/v1"
     fleet = AgentFleet(work, bundle, url=broker.url, prefix=prefix, count=devices, name="kill")
-    config = ServerConfig(
-        rounds=rounds,
-        clients_per_round=devices,
-        min_clients=devices,
-        min_reports=devices,
-        round_timeout_s=120,
-        wait_for_clients_s=60,
-        local_epochs=1,
-        batch_size=8,
-        codecs=("fp32",),
-        topics=Topics(prefix),
-    )
+    config = drill_config(devices=devices, rounds=rounds, prefix=prefix, round_timeout_s=120)
     server = DrillServer(broker.host, broker.port, bundle, config, work / "server.db", client_id=f"{prefix}-server")
     counter = LogCounter("duplicate", "(replayed)")
     logging.getLogger("fedflock.server").addHandler(counter)

@@ -23,14 +23,12 @@ import uuid
 from pathlib import Path
 
 from broker_server.mosquitto_process import MosquittoProcess
-from broker_server.server import ServerConfig
-from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from fedflock.drills.fleet import AgentFleet
 from fedflock.drills.plans import seeded_plan
 from fedflock.drills.proxy import FaultProxy
 from fedflock.drills.report import DrillReport, check_exactly_once
-from fedflock.drills.server import DrillServer, LogCounter
+from fedflock.drills.server import DrillServer, LogCounter, drill_config
 
 __all__ = ["flaky_links_drill"]
 
@@ -58,18 +56,7 @@ def flaky_links_drill(
     proxy = FaultProxy((broker.host, broker.port), plan)
     proxy.start()
     fleet = AgentFleet(work, bundle, url=proxy.url, prefix=prefix, count=devices, name="flaky", seed=seed)
-    config = ServerConfig(
-        rounds=rounds,
-        clients_per_round=devices,
-        min_clients=devices,
-        min_reports=devices,
-        round_timeout_s=90,
-        wait_for_clients_s=60,
-        local_epochs=1,
-        batch_size=8,
-        codecs=("fp32",),
-        topics=Topics(prefix),
-    )
+    config = drill_config(devices=devices, rounds=rounds, prefix=prefix, round_timeout_s=90)
     server = DrillServer(broker.host, broker.port, bundle, config, work / "server.db", client_id=f"{prefix}-server")
     counter = LogCounter("duplicate", "(replayed)")
     logging.getLogger("fedflock.server").addHandler(counter)

@@ -18,15 +18,13 @@ from functools import partial
 from pathlib import Path
 
 from broker_server.mosquitto_process import MosquittoProcess
-from broker_server.server import ServerConfig
-from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from fedflock.drills.fleet import AgentFleet
 from fedflock.drills.plans import Fault, FaultPlan
 from fedflock.drills.processes import wait_for
 from fedflock.drills.proxy import FaultProxy
 from fedflock.drills.report import DrillReport, check_exactly_once
-from fedflock.drills.server import DrillServer
+from fedflock.drills.server import DrillServer, drill_config
 
 __all__ = ["mosquitto_kill_drill"]
 
@@ -53,18 +51,7 @@ def mosquitto_kill_drill(
     half = devices // 2
     for spec_index in range(half, devices):  # the second half connects through the slow proxy
         fleet.point_one(spec_index, slow.url)
-    config = ServerConfig(
-        rounds=rounds,
-        clients_per_round=devices,
-        min_clients=devices,
-        min_reports=devices,
-        round_timeout_s=90,
-        wait_for_clients_s=60,
-        local_epochs=1,
-        batch_size=8,
-        codecs=("fp32",),
-        topics=Topics(prefix),
-    )
+    config = drill_config(devices=devices, rounds=rounds, prefix=prefix, round_timeout_s=90)
     server = DrillServer(broker.host, broker.port, bundle, config, work / "server.db", client_id=f"{prefix}-server")
     recover: list[float] = []
     accepted_before: list[int] = []

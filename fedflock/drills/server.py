@@ -20,11 +20,28 @@ from broker_server.persistence import SqliteServerStore
 from broker_server.server import FederatedServer, ServerConfig
 from broker_server.server_config import RoundResult
 from edge_agent.errors import FedflockError
+from edge_agent.protocol.topics import Topics
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transport.mqtt import MqttConfig, MqttTransport
 from fedflock.drills.report import RoundLedger, read_ledger
 
 __all__ = ["DrillServer", "LogCounter"]
+
+
+def drill_config(*, devices: int, rounds: int, prefix: str, round_timeout_s: float = 90) -> ServerConfig:
+    """The drills' server: every device in every round, all must report, fp32 updates."""
+    return ServerConfig(
+        rounds=rounds,
+        clients_per_round=devices,
+        min_clients=devices,
+        min_reports=devices,
+        round_timeout_s=round_timeout_s,
+        wait_for_clients_s=60,
+        local_epochs=1,
+        batch_size=8,
+        codecs=("fp32",),
+        topics=Topics(prefix),
+    )
 
 
 class LogCounter(logging.Handler):
