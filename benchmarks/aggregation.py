@@ -7,7 +7,10 @@ through seven cases, each in a fresh subprocess so its peak RSS is its own:
 * **fedflock fp32 / int8**: ``WeightedMean.add_encoded`` on FFCU payloads, the server's real
   path (encoded bytes in, one float64 accumulator per tensor). Updates are *streamed*: a
   generator makes update ``i``, encodes it and drops the float copy; the server folds it; the
-  payload is dropped. Only the fold calls (plus the final ``result()``) are timed.
+  payload is dropped. Only the fold calls (plus the final ``result()``) are timed. Each codec
+  runs twice: with one fold thread (``WeightedMean(workers=1)``) and (``-mt``) with the default,
+  one thread per usable CPU up to 4. Flower's ``aggregate`` is single-threaded numpy; the
+  multi-thread rows use more of the machine, the single-thread rows compare like with like.
 * **Flower fp32**: ``flwr.server.strategy.aggregate.aggregate(results)`` with ``results`` the
   list of ``(NDArrays, num_examples)`` pairs its signature demands, so all K decoded updates are
   resident before the (timed) call.
@@ -63,6 +66,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.aggregation_cases import CASES, PARAMS, SHAPES, child, l3_bytes  # noqa: E402
+from edge_agent.codecs.workers import default_workers  # noqa: E402
 
 FLOWER_BYTES_PER_UPDATE = 2.2 * PARAMS * 4  # inputs + aggregate's weighted copies + slack
 FLOWER_DESER_BYTES_PER_UPDATE = 3.4 * PARAMS * 4  # bytes + deserialized arrays + weighted copies + slack
@@ -127,8 +131,10 @@ def _fmt_mb(value: float) -> str:
 
 
 LABELS = {
-    "fedflock-fp32": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in)", "fp32"),
-    "fedflock-int8": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in)", "int8"),
+    "fedflock-fp32": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in), 1 thread", "fp32"),
+    "fedflock-fp32-mt": (f"fedflock `WeightedMean.add_encoded` (FFCU bytes in), {default_workers()} threads", "fp32"),
+    "fedflock-int8": ("fedflock `WeightedMean.add_encoded` (FFCU bytes in), 1 thread", "int8"),
+    "fedflock-int8-mt": (f"fedflock `WeightedMean.add_encoded` (FFCU bytes in), {default_workers()} threads", "int8"),
     "flower-fp32": ("Flower `aggregate` (ndarrays resident)", "fp32"),
     "flower-int8": ("Flower `aggregate` (int8 decoded first, not timed)", "int8"),
     "flower-fp32-deser": ("Flower `parameters_to_ndarrays` + `aggregate` (bytes in)", "fp32"),
@@ -136,6 +142,7 @@ LABELS = {
     "numpy-fp32": ("numpy loop `acc += w * x` (float64)", "fp32"),
 }
 FLOWER_CASES = ("flower-{codec}", "flower-{codec}-deser")
+FEDFLOCK_CASES = (("fedflock-{codec}", "1 thread"), ("fedflock-{codec}-mt", f"{default_workers()} threads"))
 
 
 def _per_update(
@@ -190,19 +197,20 @@ def _table(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
 
 def _ratio_table(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
     """fedflock's speed-up over each Flower case: best vs best and median vs median, wall and CPU time."""
-    columns = ["K", "codec", "clock", "vs `aggregate` best/best", "vs `aggregate` median/median"]
+    columns = ["K", "codec", "fedflock", "clock", "vs `aggregate` best/best", "vs `aggregate` median/median"]
     columns += ["vs deserialize + `aggregate` best/best", "vs deserialize + `aggregate` median/median"]
-    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---:|---:|---:|---:|"]
+    lines = ["| " + " | ".join(columns) + " |", "|---:|---|---|---|---:|---:|---:|---:|"]
     for k in ks:
         for codec in ("fp32", "int8"):
-            for clock in ("wall", "cpu"):
-                cells = [str(k), codec, clock]
-                for pattern in FLOWER_CASES:
-                    for stat in ("best", "median"):
-                        theirs = _per_update(reports, pattern.format(codec=codec), k, stat, clock)
-                        mine = _per_update(reports, f"fedflock-{codec}", k, stat, clock)
-                        cells.append(f"{theirs / mine:.1f}x" if theirs and mine else "n/a")
-                lines.append("| " + " | ".join(cells) + " |")
+            for ours, threads in FEDFLOCK_CASES:
+                for clock in ("wall", "cpu"):
+                    cells = [str(k), codec, threads, clock]
+                    for pattern in FLOWER_CASES:
+                        for stat in ("best", "median"):
+                            theirs = _per_update(reports, pattern.format(codec=codec), k, stat, clock)
+                            mine = _per_update(reports, ours.format(codec=codec), k, stat, clock)
+                            cells.append(f"{theirs / mine:.1f}x" if theirs and mine else "n/a")
+                    lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -210,6 +218,7 @@ def _checks(result_dir: Path, ks: list[int], reports: dict[tuple[str, int], dict
     """fedflock's mean vs Flower's and the numpy loop's on the same updates (same K only)."""
     lines = []
     pairs = [("fedflock-fp32", "flower-fp32"), ("fedflock-int8", "flower-int8"), ("fedflock-fp32", "numpy-fp32")]
+    pairs += [("fedflock-fp32-mt", "fedflock-fp32"), ("fedflock-int8-mt", "fedflock-int8")]  # threads: same bits
     pairs += [("flower-fp32", "flower-fp32-deser"), ("flower-int8", "flower-int8-deser")]
     for k in ks:
         for ours, theirs in pairs:
@@ -228,8 +237,9 @@ def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
     lines = []
     for k in ks:
         numpy_rate = _per_update(reports, "numpy-fp32", k)
-        for codec in ("fp32", "int8"):
-            ours = reports.get((f"fedflock-{codec}", k), {})
+        for codec, (pattern_ours, threads) in ((c, f) for c in ("fp32", "int8") for f in FEDFLOCK_CASES):
+            case_ours = pattern_ours.format(codec=codec)
+            ours = reports.get((case_ours, k), {})
             if "times" not in ours:
                 continue
             parts = []
@@ -239,7 +249,7 @@ def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
                 for stat in ("best", "median"):
                     theirs, mine = (
                         _per_update(reports, case, k, stat),
-                        _per_update(reports, f"fedflock-{codec}", k, stat),
+                        _per_update(reports, case_ours, k, stat),
                     )
                     if theirs and mine:
                         ratios.append((stat, theirs / mine))
@@ -252,11 +262,11 @@ def _goals(reports: dict[tuple[str, int], dict], ks: list[int]) -> list[str]:
                 parts.append(f">= {SPEED_GOAL:.0f}x {case}: {verdicts}")
             rss_ok = ours["extra_mb"] <= RSS_GOAL_MB
             parts.append(f"extra RSS <= 0.2 GB: {'met' if rss_ok else 'NOT met'} ({ours['extra_mb']:.1f} MB)")
-            rate = _per_update(reports, f"fedflock-{codec}", k)
+            rate = _per_update(reports, case_ours, k)
             if numpy_rate and rate:
                 share = numpy_rate / rate
                 parts.append(f">= 50% of numpy loop: {'met' if share >= BANDWIDTH_GOAL else 'NOT met'} ({share:.0%})")
-            lines.append(f"K={k} {codec}: " + "; ".join(parts))
+            lines.append(f"K={k} {codec} ({threads}): " + "; ".join(parts))
     return lines
 
 
@@ -286,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join([sys.executable, *sys.argv])
     print(f"command: {command}")
     print(f"machine: {_machine()}")
-    print(f"flwr: {flwr_version or 'NOT INSTALLED'}")
+    print(f"flwr: {flwr_version or 'NOT INSTALLED'} (its `aggregate` is single-threaded numpy)")
+    print(f"fedflock fold threads: 1, and {default_workers()} in the -mt rows (the usable CPUs, at most 4)")
     print(
         f"model: {PARAMS:,} parameters ({PARAMS * 4 / 1e6:.2f} MB fp32) in {len(SHAPES)} tensors; "
         f"seed {args.seed}; best and median of {args.repeats}; "

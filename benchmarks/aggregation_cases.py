@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:
 
 from broker_server.aggregate import WeightedMean  # noqa: E402
 from edge_agent.codecs import CodecSpec, decode_update, encode_update  # noqa: E402
+from edge_agent.codecs.workers import default_workers  # noqa: E402
 
 SHAPES: dict[str, tuple[int, ...]] = {  # 1x28x28 -> conv32 -> conv64 -> 2x pool -> fc312 -> fc10
     "conv1.weight": (32, 1, 3, 3),
@@ -39,7 +40,9 @@ PARAMS = sum(math.prod(shape) for shape in SHAPES.values())
 POOL = 2 * PARAMS  # seeded N(0, 0.01) noise; update i is a slice of it at a seeded offset
 CASES = (
     "fedflock-fp32",
+    "fedflock-fp32-mt",
     "fedflock-int8",
+    "fedflock-int8-mt",
     "flower-fp32",
     "flower-int8",
     "flower-fp32-deser",
@@ -126,9 +129,16 @@ class _Stopwatch:
         self.cpu += time.process_time() - self._cpu
 
 
-def _fedflock(pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None]) -> tuple[_Stopwatch, dict]:
+def fedflock_workers(case: str) -> int:
+    """Fold threads of a fedflock case: 1, or (``-mt``) WeightedMean's default, the usable CPUs (at most 4)."""
+    return default_workers() if case.endswith("-mt") else 1
+
+
+def _fedflock(
+    pool: np.ndarray, k: int, seed: int, codec: str, flush: Callable[[], None], workers: int
+) -> tuple[_Stopwatch, dict]:
     spec = CodecSpec.parse(codec)
-    mean = WeightedMean()
+    mean = WeightedMean(workers=workers)
     watch = _Stopwatch()
     for weight, payload in _payloads(pool, k, seed, spec):
         flush()
@@ -250,7 +260,8 @@ def child(case: str, k: int, seed: int, repeats: int, result_path: str | None, f
             if case == "numpy-fp32":
                 watch, result = _numpy_loop(pool, k, seed, flush)
             else:
-                watch, result = _fedflock(pool, k, seed, case.split("-", 1)[1], flush)
+                report["workers"] = fedflock_workers(case)
+                watch, result = _fedflock(pool, k, seed, case.split("-")[1], flush, report["workers"])
             times.append(watch.wall)
             cpu_times.append(watch.cpu)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

@@ -1,10 +1,12 @@
 """Aggregation math: pure numpy, no I/O.
 
 FedAvg weights every update by its example count. :class:`WeightedMean` folds updates in as they
-arrive, so memory is one float64 accumulator per tensor whatever the number of devices, plus at
-most ``group - 1`` validated payloads (and at most ``group_bytes`` of them) waiting to be folded
-together: a group fold streams each accumulator through the cache once per group, not once per
-update (:mod:`edge_agent.codecs.fold`).
+arrive, so memory is one float64 accumulator per tensor whatever the number of devices, plus one
+float32 partial sum of the current group of at most ``group`` encoded updates and their payloads
+(at most ``group_bytes`` of them, kept to re-fold the group should a later member be rejected):
+each update is folded into the partial on arrival, while it is in the cache, and every ``group``
+updates the partial is added into the float64 sums, which so stream through memory once per group
+(:mod:`edge_agent.codecs.partial`: the precision bound, the one-pass NaN/Inf check, the threads).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from edge_agent.codecs import UpdateInfo
-from edge_agent.codecs.decode import PreparedUpdate, fold_updates, prepare_update
+from edge_agent.codecs.decode import fold_updates, prepare_update
 from edge_agent.codecs.fold import Folder
+from edge_agent.codecs.partial import GroupSum
+from edge_agent.codecs.workers import FoldWorkers
 
 Tensors = dict[str, np.ndarray]
 
-GROUP = 8  # encoded updates folded together (4, 8 and 16 measured alike; docs/benchmarks.md, issue #6 section)
+GROUP = 8  # updates per group (4, 8, 16 measured: alike for fp32, 8 best for int8; docs/benchmarks.md, issue #6)
 GROUP_BYTES = 64 << 20  # at most this much payload data waits for a group (big models fold one by one)
 
 
@@ -27,13 +31,15 @@ class WeightedMean:
     """Streaming weighted mean of tensor sets: ``sum(w_i * t_i) / sum(w_i)``.
 
     Encoded updates are validated in full when added (a bad one raises and changes nothing) and
-    folded ``group`` at a time, or sooner once the waiting payload data reaches ``group_bytes``.
-    Waiting updates are already counted in :attr:`count` and :attr:`total_weight`; every read of the
-    sums (:meth:`sums`, :meth:`result`, :meth:`flush`) and :meth:`add` fold them first.
-    ``group=1`` folds every update as it is added.
+    folded into the group's partial sum; the group goes into the sums every ``group`` updates, or
+    sooner once its payload data reaches ``group_bytes``. Updates of the open group are already
+    counted in :attr:`count` and :attr:`total_weight`; every read of the sums (:meth:`sums`,
+    :meth:`result`, :meth:`flush`) and :meth:`add` commit the group first. ``group=1`` folds every
+    update into the sums as it is added, exactly in float64. ``workers`` threads share each fold
+    (default: the usable CPUs, at most 4; the result does not depend on it).
     """
 
-    def __init__(self, *, group: int = GROUP, group_bytes: int = GROUP_BYTES) -> None:
+    def __init__(self, *, group: int = GROUP, group_bytes: int = GROUP_BYTES, workers: int | None = None) -> None:
         if group < 1 or group_bytes < 0:
             raise ValueError(f"need group >= 1 and group_bytes >= 0, got group={group}, group_bytes={group_bytes}")
         self._sums: dict[str, np.ndarray] = {}
@@ -41,20 +47,21 @@ class WeightedMean:
         self.count = 0
         self.group = group
         self.group_bytes = group_bytes
-        self._folder = Folder()
-        self._pending: list[PreparedUpdate] = []
+        self._workers = FoldWorkers(workers)
+        self._folder = Folder(workers=self._workers)
+        self._group: GroupSum | None = None
         self._pending_bytes = 0
 
     @property
     def waiting(self) -> int:
-        """Validated encoded updates not yet folded into the sums (counted already)."""
-        return len(self._pending)
+        """Updates of the open group, not yet in the sums (counted already)."""
+        return len(self._group) if self._group is not None else 0
 
     def flush(self) -> None:
-        """Fold the validated updates still waiting for their group (a no-op when none are)."""
-        if self._pending:
-            pending, self._pending, self._pending_bytes = self._pending, [], 0
-            fold_updates(pending, self._sums, self._folder)
+        """Add the open group into the sums (a no-op when it is empty)."""
+        if self._group is not None and len(self._group):
+            self._pending_bytes = 0
+            self._group.commit(self._sums, self._folder)
 
     def add(self, tensors: Mapping[str, np.ndarray], weight: float) -> None:
         self.flush()
@@ -90,16 +97,27 @@ class WeightedMean:
             raise ValueError("tensor names differ from earlier updates")
         if not self._sums:
             self._sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in expected.items()}
-        if self.group > 1 and not isinstance(payload, bytes):
-            payload = bytes(payload)  # it waits for its group: the caller may reuse a mutable buffer
-        prepared = prepare_update(payload, self._sums, weight, expected)
-        self._pending.append(prepared)
-        self._pending_bytes += prepared.held_bytes
-        if len(self._pending) >= self.group or self._pending_bytes >= self.group_bytes:
-            self.flush()
+        prepared = prepare_update(payload, self._sums, weight, expected, defer_finite=True)
+        if self.group == 1 or (not self.waiting and prepared.held_bytes >= self.group_bytes):
+            fold_updates([prepared], self._sums, self._folder)  # a group of one: the exact fold, checks first
+        else:
+            if not isinstance(payload, bytes):  # kept with its group: the caller may reuse a mutable buffer
+                prepared = prepare_update(bytes(payload), self._sums, weight, expected, defer_finite=True)
+            group = self._open_group()
+            group.add(prepared)  # the NaN/Inf check of fp32 values: the group is unchanged if it raises
+            self._pending_bytes += prepared.held_bytes
+            if len(group) >= self.group or self._pending_bytes >= self.group_bytes:
+                self.flush()
         self.total_weight += weight
         self.count += 1
         return prepared.info
+
+    def _open_group(self) -> GroupSum:
+        shapes = {name: acc.shape for name, acc in self._sums.items()}
+        if self._group is None or self._group.shapes != shapes:
+            self.flush()
+            self._group = GroupSum(shapes, workers=self._workers)
+        return self._group
 
     def sums(self) -> Tensors:
         """Copies of the float64 weighted sums ``sum(w_i * t_i)`` (a checkpoint of the mean)."""
@@ -117,7 +135,9 @@ class WeightedMean:
         """Continue from a checkpoint (subclasses with constructor arguments restore through this)."""
         if count < 0 or total_weight < 0 or (count > 0 and not sums):
             raise ValueError(f"inconsistent checkpoint: {count} updates, {len(sums)} sums, weight {total_weight}")
-        self._pending, self._pending_bytes = [], 0  # superseded by the checkpoint, like the sums
+        if self._group is not None:  # superseded by the checkpoint, like the sums
+            self._group.discard()
+        self._pending_bytes = 0
         self._sums = {name: np.array(value, dtype=np.float64) for name, value in sums.items()}
         self.total_weight = float(total_weight)
         self.count = int(count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import ClassVar
 
@@ -95,7 +96,11 @@ def divisor(scales: np.ndarray) -> np.ndarray:
 
 def read_scales(reader: Reader, name: str, count: int) -> np.ndarray:
     scales = reader.array("<f4", count, f"tensor {name!r} scale{'s' if count != 1 else ''}")
-    if count and not (np.isfinite(scales).all() and (scales >= 0).all()):
+    if count == 1:  # the per-tensor codecs: a float check instead of four numpy calls
+        scale = float(scales[0])
+        if not (math.isfinite(scale) and scale >= 0):
+            raise MalformedMessage(f"tensor {name!r}: scale {scale!r} is not a finite number >= 0")
+    elif count and not (np.isfinite(scales).all() and (scales >= 0).all()):
         bad = scales[~(np.isfinite(scales) & (scales >= 0))][0]
         raise MalformedMessage(f"tensor {name!r}: scale {float(bad)!r} is not a finite number >= 0")
     return scales

@@ -5,6 +5,13 @@ views without materialising any tensor (:func:`prepare_update` adds the accumula
 phase 2 (:func:`fold_updates`) folds one tensor at a time, in cache-sized blocks
 (:mod:`edge_agent.codecs.fold`). A bad payload therefore fails before a single accumulator
 element has been touched.
+
+``defer_finite=True`` leaves the NaN/Inf pass over fp32 values out of phase 1 (it is one full
+read of every fp32 tensor) for a caller that checks the values as it folds them: the server's
+group partial (:mod:`edge_agent.codecs.partial`). Such a :class:`PreparedUpdate` lists the
+unchecked records in ``unchecked``; :meth:`PreparedUpdate.check_finite` raises exactly the error
+the full phase 1 would have raised, and any other error of phase 1 is preceded by that check,
+so the error a payload gets does not depend on the deferral.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.codecs.base import Codec
+from edge_agent.codecs.base import Codec, require_finite
 from edge_agent.codecs.choose import MILD_CODECS
 from edge_agent.codecs.fold import Folder, Term, dense_term
+from edge_agent.codecs.quantize import Fp32
 from edge_agent.codecs.reader import Reader, Record
 from edge_agent.codecs.wire import (
     BODY_LENGTH,
@@ -32,7 +40,7 @@ from edge_agent.codecs.wire import (
     max_body_bytes,
     zstd,
 )
-from edge_agent.errors import ContractViolation, MalformedMessage, UnsupportedVersion
+from edge_agent.errors import ContractViolation, MalformedMessage, ProtocolError, UnsupportedVersion
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,16 @@ class ParsedUpdate:
     codec: Codec  # the update's (header) codec; each record has its own ``codec_id``
     records: list[Record]
     info: UpdateInfo
+    unchecked: tuple[Record, ...] = ()  # fp32 records whose NaN/Inf pass was deferred (payload order)
 
     def record_codec(self, record: Record) -> Codec:
         return CODECS[record.codec_id]
+
+
+def check_finite(records: Sequence[Record]) -> None:
+    """Fp32's own NaN/Inf check on deferred records, in payload order: the error phase 1 would raise."""
+    for rec in records:
+        require_finite(rec.data, rec.name)
 
 
 def _body(view: memoryview, codec: Codec, flags: int, count: int, max_elements: int) -> bytes | memoryview:
@@ -89,12 +104,38 @@ def parse_update(
     expected: Mapping[str, tuple[int, ...]] | None = None,
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    defer_finite: bool = False,
 ) -> ParsedUpdate:
-    """Phase 1: validate the whole payload; returns views (nothing decoded)."""
+    """Phase 1: validate the whole payload; returns views (nothing decoded).
+
+    ``defer_finite``: fp32 records skip their NaN/Inf pass and are listed in ``unchecked``. Should
+    the payload fail a later check, the deferred records are checked first, so a NaN in an
+    earlier tensor is still the error raised.
+    """
     view = memoryview(payload).cast("B")
     codec_id, flags, count = _header(view)
     codec = CODECS[codec_id]
     reader = Reader(_body(view, codec, flags, count, max_elements))
+    unchecked: list[Record] = []
+    try:
+        records = _records(reader, codec_id, count, expected, max_elements, unchecked if defer_finite else None)
+    except ProtocolError:
+        check_finite(unchecked)
+        raise
+    info = UpdateInfo(codec.name, count, sum(rec.size for rec in records), len(view), bool(flags & FLAG_ZSTD))
+    return ParsedUpdate(codec, records, info, tuple(unchecked))
+
+
+def _records(
+    reader: Reader,
+    codec_id: int,
+    count: int,
+    expected: Mapping[str, tuple[int, ...]] | None,
+    max_elements: int,
+    unchecked: list[Record] | None,
+) -> list[Record]:
+    """Every record of the body, validated; fp32 records skip their NaN/Inf pass into ``unchecked`` if given."""
+    codec = CODECS[codec_id]
     records: list[Record] = []
     seen: set[str] = set()
     total = 0
@@ -121,7 +162,12 @@ def parse_update(
                 f"tensor {name!r} uses codec {CODECS[record_codec].name!r} inside a {codec.name} update "
                 f"(a record may use the update's codec or one of {sorted(MILD_CODECS)})"
             )
-        record = CODECS[record_codec].parse(reader, name, shape, size)
+        parser = CODECS[record_codec]
+        if unchecked is not None and isinstance(parser, Fp32) and parser.name == "fp32":
+            record = parser.parse(reader, name, shape, size, finite=False)
+            unchecked.append(record)
+        else:
+            record = parser.parse(reader, name, shape, size)
         record.codec_id = record_codec
         records.append(record)
     if reader.remaining:
@@ -129,8 +175,7 @@ def parse_update(
     if expected is not None and seen != set(expected):
         missing = sorted(set(expected) - seen)
         raise ContractViolation(f"update lacks tensors {missing}")
-    info = UpdateInfo(codec.name, count, total, len(view), bool(flags & FLAG_ZSTD))
-    return ParsedUpdate(codec, records, info)
+    return records
 
 
 def _header(view: memoryview) -> tuple[int, int, int]:
@@ -208,16 +253,22 @@ def decode_update(
 
 @dataclass(frozen=True)
 class PreparedUpdate:
-    """An update validated in full against checked accumulators: folding it can no longer fail."""
+    """An update validated against checked accumulators: once :attr:`unchecked` is empty (or
+    :meth:`check_finite` passed) folding it can no longer fail."""
 
     parsed: ParsedUpdate
     weight: float
     records: dict[str, Record]
     terms: dict[str, Term | None]  # per tensor: the block kernel's term, or None (the codec's own fold)
+    unchecked: tuple[Record, ...] = ()  # fp32 records whose NaN/Inf check is still to be done (payload order)
 
     @property
     def info(self) -> UpdateInfo:
         return self.parsed.info
+
+    def check_finite(self) -> None:
+        """Raise the :class:`MalformedMessage` phase 1 would have raised for a NaN/Inf in a deferred record."""
+        check_finite(self.unchecked)
 
     @property
     def held_bytes(self) -> int:
@@ -237,22 +288,35 @@ def prepare_update(
     expected: Mapping[str, tuple[int, ...]],
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    defer_finite: bool = False,
 ) -> PreparedUpdate:
-    """Phase 1 of :func:`accumulate_update`: every check, nothing modified (errors as there)."""
+    """Phase 1 of :func:`accumulate_update`: every check, nothing modified (errors as there).
+
+    ``defer_finite``: see :func:`parse_update`; the NaN/Inf check of fp32 records is left to the
+    caller (:attr:`PreparedUpdate.unchecked`), except that it still precedes an accumulator error.
+    """
     if not math.isfinite(weight):
         raise ValueError(f"weight must be finite, got {weight!r}")
-    parsed = parse_update(payload, expected, max_elements=max_elements)
-    for rec in parsed.records:
+    parsed = parse_update(payload, expected, max_elements=max_elements, defer_finite=defer_finite)
+    try:
+        _check_accumulators(parsed.records, into)
+    except ValueError:
+        check_finite(parsed.unchecked)
+        raise
+    weight = float(weight)
+    records = {rec.name: rec for rec in parsed.records}
+    terms = {rec.name: dense_term(rec, parsed.record_codec(rec).name, weight) for rec in parsed.records}
+    return PreparedUpdate(parsed, weight, records, terms, parsed.unchecked)
+
+
+def _check_accumulators(records: Sequence[Record], into: Mapping[str, np.ndarray]) -> None:
+    for rec in records:
         acc = into.get(rec.name)
         if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != rec.shape:
             got = f"{acc.dtype}{acc.shape}" if isinstance(acc, np.ndarray) else type(acc).__name__
             raise ValueError(f"accumulator {rec.name!r} must be a float64 array of shape {rec.shape}, got {got}")
         if not acc.flags.writeable:
             raise ValueError(f"accumulator {rec.name!r} is read-only")
-    weight = float(weight)
-    records = {rec.name: rec for rec in parsed.records}
-    terms = {rec.name: dense_term(rec, parsed.record_codec(rec).name, weight) for rec in parsed.records}
-    return PreparedUpdate(parsed, weight, records, terms)
 
 
 def fold_updates(
@@ -261,8 +325,11 @@ def fold_updates(
     """Phase 2: ``into[name] += weight * decoded`` for every prepared update, tensor by tensor.
 
     The updates must have been prepared against these accumulators (same names and shapes). With
-    several updates the block kernel folds them together (one pass over each accumulator).
+    several updates the block kernel folds them together (one pass over each accumulator). Records
+    whose NaN/Inf check was deferred are checked first, all of them before anything is folded.
     """
+    for update in updates:
+        update.check_finite()
     folder = folder if folder is not None else Folder()
     for name, acc in into.items():
         terms: list[Term] = []

@@ -1,42 +1,50 @@
 """The server's blocked fold: ``acc += sum_j factor_j * values_j`` without full-size temporaries.
 
-Phase 2 of :func:`edge_agent.codecs.decode.accumulate_update`. By the time a :class:`Term` exists
-its payload has been validated in full (finite values, valid codes and scales), so nothing here
-can fail half-way: the accumulator is only ever touched by a fold that runs to the end.
+Phase 2 of :func:`edge_agent.codecs.decode.accumulate_update`. A :class:`Term` reaches
+:meth:`Folder.fold` only once its payload has been validated in full (finite values, valid codes
+and scales; :func:`~edge_agent.codecs.decode.fold_updates` and :class:`~edge_agent.codecs.partial.GroupSum`
+finish a deferred NaN/Inf check first), so nothing here can fail half-way: the accumulator is only
+ever touched by a fold that runs to the end.
 
 Why blocks: the old fold decoded a whole tensor into a float64 temporary (8 MB for a 1M-element
 tensor, written to memory and read back by ``acc +=``). Here a tensor is walked in blocks through
 scratch buffers allocated once and reused for every update, so a block's working set stays in
 the L2 cache and no full-size temporary is ever made.
 
-Two kernels, chosen per block:
+Kernels, chosen per call:
 
-* one term: ``scratch = float64(values)``, ``scratch *= factor``, ``acc += scratch``: the same
-  operations, and so the same bits, as the old whole-tensor fold, on a reused scratch block;
-* several terms (a group of updates folded together, see
-  :class:`broker_server.aggregate.WeightedMean`): the rows are cast into a ``(G, BLOCK)`` float64
-  scratch matrix and folded with one BLAS ``gemv`` (``coefficients @ rows``) and one ``acc +=``,
-  so the accumulator streams through the cache once per group instead of once per update.
+* one term (:meth:`Folder.fold`): ``scratch = float64(values)``, ``scratch *= factor``,
+  ``acc += scratch``: the same operations, and so the same bits, as the old whole-tensor fold,
+  on a reused scratch block;
+* several terms (:meth:`Folder.fold`): the rows are cast into a ``(G, BLOCK)`` float64 scratch
+  matrix and folded with one BLAS ``gemv`` (``coefficients @ rows``) and one ``acc +=``, so the
+  accumulator streams through the cache once per group instead of once per update;
+* several terms in float32 (:meth:`Folder.fold32`, the server's int8/fp16 groups,
+  :mod:`edge_agent.codecs.partial`): the same with a float32 matrix and ``sgemv``.
 
-Accumulation stays in float64 in both kernels: every product ``value * factor`` of a float32 or
+:meth:`Folder.fold` accumulates in float64: every product ``value * factor`` of a float32 or
 int8 value (24 significant bits at most) with a float64 factor is formed in float64, and the sums
-are float64; only the order of the float64 additions differs between the two kernels (the
+are float64; only the order of the float64 additions differs between its two kernels (the
 difference is a few float64 ulps of the sum, far below the float32 result's resolution).
+:meth:`Folder.fold32` states its float32 bound in its docstring.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_agent.codecs.reader import Record
+from edge_agent.codecs.workers import FoldWorkers
 
 BLOCK = 32_768  # elements per group-fold block: 256 KiB of float64 scratch per row (a few % faster than 16K)
 # G x block <= this keeps OpenBLAS's gemv on one thread (measured: 8 x 32K is single-threaded;
 # 8 x 64K spawns threads that cost 5-30x more CPU on a busy 2-core machine)
 GEMV_ELEMENTS = 262_144
 SINGLE_BLOCK = 65_536  # elements per block of a one-update fold: 512 KiB of float64 scratch, fewer numpy calls
+BLOCK32 = 32_768  # elements per block of the float32 group fold: 8 x 32K float32 is 1 MiB (one L2)
 
 
 @dataclass(frozen=True)
@@ -86,53 +94,137 @@ def block_length(terms: list[Term], block: int = BLOCK) -> int:
     return row * max(1, block // row)
 
 
+class _Scratch:
+    """One thread's scratch: the one-update block, the group matrix and its gemv output."""
+
+    def __init__(self) -> None:
+        self.one = np.empty(0, dtype=np.float64)
+        self.rows = np.empty((0, 0), dtype=np.float64)
+        self.sum = np.empty(0, dtype=np.float64)
+        self.rows32 = np.empty((0, 0), dtype=np.float32)
+        self.sum32 = np.empty(0, dtype=np.float32)
+
+    def ensure(self, count: int, length: int) -> None:
+        if self.rows.shape[0] < count or self.rows.shape[1] < length:
+            self.rows = np.empty((max(count, self.rows.shape[0]), max(length, self.rows.shape[1])))
+            self.sum = np.empty(self.rows.shape[1])
+
+    def ensure32(self, count: int, length: int) -> None:
+        if self.rows32.shape[0] < count or self.rows32.shape[1] < length:
+            shape = (max(count, self.rows32.shape[0]), max(length, self.rows32.shape[1]))
+            self.rows32 = np.empty(shape, dtype=np.float32)
+            self.sum32 = np.empty(shape[1], dtype=np.float32)
+        if len(self.sum) < length:
+            self.sum = np.empty(length)
+
+
 class Folder:
     """Scratch buffers for the blocked fold, allocated on first use and reused across updates.
 
     A one-update fold uses ``single_block`` float64 values (512 KiB); a group fold of G updates a
     ``(G, block)`` float64 matrix (2 MiB for G = 8) and one block-sized row. A per-channel tensor
     whose rows are longer than a block is walked one row at a time, so its scratch is row-sized.
+    With ``workers`` (:class:`~edge_agent.codecs.workers.FoldWorkers`) a tensor's blocks are shared
+    out in contiguous runs, one scratch set per thread; the blocks, and so the result, are the same.
     """
 
-    def __init__(self, *, block: int = BLOCK, single_block: int = SINGLE_BLOCK) -> None:
+    def __init__(
+        self, *, block: int = BLOCK, single_block: int = SINGLE_BLOCK, workers: FoldWorkers | None = None
+    ) -> None:
         if block < 1 or single_block < 1:
             raise ValueError(f"block sizes must be >= 1, got block={block}, single_block={single_block}")
         self.block = block
         self.single_block = single_block
-        self._one = np.empty(0, dtype=np.float64)
-        self._rows = np.empty((0, 0), dtype=np.float64)
-        self._sum = np.empty(0, dtype=np.float64)
+        self.workers = workers if workers is not None else FoldWorkers(1)
+        self._scratch = [_Scratch()]
+
+    @property
+    def _rows(self) -> np.ndarray:  # the calling thread's group matrix (tests look at its size)
+        return self._scratch[0].rows
 
     def fold(self, acc: np.ndarray, terms: list[Term]) -> None:
         """``acc += sum(factors_j * values_j)`` in place; ``acc`` is a flat, contiguous float64 array."""
         if not terms or acc.size == 0:
             return
         if len(terms) == 1:
-            self._fold_single(acc, terms[0])
+            length = min(block_length(terms, self.single_block), acc.size)
+            self._run(acc.size, length, lambda scratch, starts: _fold_single(acc, terms[0], length, scratch, starts))
             return
         length = min(block_length(terms, max(1, min(self.block, GEMV_ELEMENTS // len(terms)))), acc.size)
-        if self._rows.shape[0] < len(terms) or self._rows.shape[1] < length:
-            self._rows = np.empty((max(len(terms), self._rows.shape[0]), max(length, self._rows.shape[1])))
-            self._sum = np.empty(self._rows.shape[1])
         coefficients = np.array([_coefficient(term) for term in terms], dtype=np.float64)
-        for start in range(0, acc.size, length):
-            stop = min(start + length, acc.size)
-            matrix = self._rows[: len(terms), : stop - start]
-            for index, term in enumerate(terms):
-                _load_row(matrix[index], term, start, stop)
-            partial = self._sum[: stop - start]
-            np.dot(coefficients, matrix, out=partial)
-            acc[start:stop] += partial
+        self._run(
+            acc.size, length, lambda scratch, starts: _fold_group(acc, terms, coefficients, length, scratch, starts)
+        )
 
-    def _fold_single(self, acc: np.ndarray, term: Term) -> None:
-        length = min(block_length([term], self.single_block), acc.size)
-        if len(self._one) < length:
-            self._one = np.empty(length)
-        for start in range(0, acc.size, length):
-            stop = min(start + length, acc.size)
-            scratch = self._one[: stop - start]
-            _scaled(scratch, term, start, stop)
-            acc[start:stop] += scratch
+    def fold32(self, acc: np.ndarray, terms: list[Term]) -> None:
+        """Like :meth:`fold`, with the group's sum in float32: one float32 ``gemv`` per block.
+
+        The rows are cast to float32 (exact for int8 codes, fp16 and fp32 values) and the factors
+        rounded to float32, so per element the group sum is within ``(len(terms) + 1) * 2**-24 *
+        sum(|factor * value|)`` of the exact one; the caller keeps each ``|factor * value|`` far
+        below the float32 range (:mod:`edge_agent.codecs.partial`). Half the bytes of the float64
+        group fold per row, and 15 % less time for int8 codes (docs/benchmarks.md).
+        """
+        if not terms or acc.size == 0:
+            return
+        length = min(block_length(terms, max(1, min(BLOCK32, GEMV_ELEMENTS // len(terms)))), acc.size)
+        coefficients = np.array([_coefficient(term) for term in terms], dtype=np.float32)
+        self._run(
+            acc.size, length, lambda scratch, starts: _fold_group32(acc, terms, coefficients, length, scratch, starts)
+        )
+
+    def _run(self, size: int, length: int, kernel: Callable[[_Scratch, range], None]) -> None:
+        """``kernel(scratch, block starts)`` over runs of blocks, one run per worker."""
+        blocks = range(0, size, length)
+        parts = max(1, min(self.workers.count, len(blocks)))
+        while len(self._scratch) < parts:
+            self._scratch.append(_Scratch())
+        runs = [blocks[part * len(blocks) // parts : (part + 1) * len(blocks) // parts] for part in range(parts)]
+        self.workers.run([_bind(kernel, scratch, run) for scratch, run in zip(self._scratch, runs, strict=False)])
+
+
+def _bind(kernel: Callable[[_Scratch, range], None], scratch: _Scratch, run: range) -> Callable[[], None]:
+    return lambda: kernel(scratch, run)
+
+
+def _fold_group(
+    acc: np.ndarray, terms: list[Term], coefficients: np.ndarray, length: int, scratch: _Scratch, starts: range
+) -> None:
+    scratch.ensure(len(terms), length)
+    for start in starts:
+        stop = min(start + length, acc.size)
+        matrix = scratch.rows[: len(terms), : stop - start]
+        for index, term in enumerate(terms):
+            _load_row(matrix[index], term, start, stop)
+        partial = scratch.sum[: stop - start]
+        np.dot(coefficients, matrix, out=partial)
+        acc[start:stop] += partial
+
+
+def _fold_group32(
+    acc: np.ndarray, terms: list[Term], coefficients: np.ndarray, length: int, scratch: _Scratch, starts: range
+) -> None:
+    scratch.ensure32(len(terms), length)
+    for start in starts:
+        stop = min(start + length, acc.size)
+        matrix = scratch.rows32[: len(terms), : stop - start]
+        for index, term in enumerate(terms):
+            _load_row(matrix[index], term, start, stop)
+        partial = scratch.sum32[: stop - start]
+        np.dot(coefficients, matrix, out=partial)
+        wide = scratch.sum[: stop - start]
+        np.copyto(wide, partial)  # a cast, then a same-type add: faster than numpy's buffered mixed add
+        acc[start:stop] += wide
+
+
+def _fold_single(acc: np.ndarray, term: Term, length: int, scratch: _Scratch, starts: range) -> None:
+    if len(scratch.one) < length:
+        scratch.one = np.empty(length)
+    for start in starts:
+        stop = min(start + length, acc.size)
+        block = scratch.one[: stop - start]
+        _scaled(block, term, start, stop)
+        acc[start:stop] += block
 
 
 def _coefficient(term: Term) -> float:
@@ -143,7 +235,7 @@ def _coefficient(term: Term) -> float:
 
 
 def _load_row(row: np.ndarray, term: Term, start: int, stop: int) -> None:
-    """``row = values[start:stop]`` in float64, times the per-channel factors if there are several."""
+    """``row = values[start:stop]`` in the row's float type, times the per-channel factors if there are several."""
     np.copyto(row, term.values[start:stop])
     if term.row:
         channels = row.reshape(-1, term.row)

@@ -29,9 +29,12 @@ class Fp32(Codec):
     def encode(self, x: np.ndarray, shape: tuple[int, ...], spec: CodecSpec, rng: np.random.Generator) -> list[bytes]:
         return [x.astype("<f4", copy=False).tobytes()]
 
-    def parse(self, reader: Reader, name: str, shape: tuple[int, ...], size: int) -> Record:
+    def parse(self, reader: Reader, name: str, shape: tuple[int, ...], size: int, *, finite: bool = True) -> Record:
+        """``finite=False`` skips the NaN/Inf pass: the caller checks the values itself before using them
+        (the server's group partial checks each weighted block as it folds it, :mod:`edge_agent.codecs.partial`)."""
         data = reader.array("<f4", size, f"tensor {name!r} fp32 values ({size * 4} bytes)")
-        require_finite(data, name)
+        if finite:
+            require_finite(data, name)
         return Record(name, shape, size, data)
 
     def decode(self, record: Record) -> np.ndarray:
@@ -49,7 +52,8 @@ class Fp16(Fp32):
             raise ValueError(f"value {abs_max(x):g} overflows float16 (max 65504); use another codec")
         return [x.astype("<f2").tobytes()]
 
-    def parse(self, reader: Reader, name: str, shape: tuple[int, ...], size: int) -> Record:
+    def parse(self, reader: Reader, name: str, shape: tuple[int, ...], size: int, *, finite: bool = True) -> Record:
+        """Always checks: the fp16 bit test is cheap, so ``finite`` is accepted and ignored."""
         data = reader.array("<f2", size, f"tensor {name!r} fp16 values ({size * 2} bytes)")
         if size and ((data.view("<u2") & 0x7C00) == 0x7C00).any():  # exponent all ones: Inf or NaN
             raise MalformedMessage(f"tensor {name!r}: non-finite (NaN/Inf) value")
