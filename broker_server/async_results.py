@@ -11,7 +11,7 @@ from broker_server.fedbuff import BufferResult
 from broker_server.server_config import RoundResult
 from edge_agent.errors import ProtocolError
 
-__all__ = ["UpdateRefused", "rebase_buffers", "result_metrics"]
+__all__ = ["UpdateRefused", "rebase_buffers", "remember_version", "result_metrics"]
 
 
 class UpdateRefused(ProtocolError):
@@ -56,3 +56,17 @@ def rebase_buffers(
                 fix += (c.weight / sealed.total_weight) * (base[name].astype(np.float64) - current[name])
         delta[name] = (delta[name].astype(np.float64) + fix).astype(delta[name].dtype)
     return delta
+
+
+def remember_version(
+    history: dict[int, dict[str, np.ndarray]],
+    version: int,
+    weights: Mapping[str, np.ndarray],
+    plain: frozenset[str] | set[str] | tuple[str, ...],
+    max_staleness: int,
+) -> None:
+    """Keep ``version``'s plain (BatchNorm) tensors for rebasing later stale updates; forget
+    versions no accepted update can be based on any more (older than ``max_staleness``)."""
+    history[version] = {name: np.array(weights[name]) for name in plain}
+    for old in [v for v in history if v < version - max_staleness]:
+        del history[old]

@@ -56,6 +56,9 @@ class ClusterModel:
     round: int | None = None
     test_loss: float | None = None
     test_accuracy: float | None = None
+    #: the largest per-round median member-update norm this cluster and its ancestors have seen:
+    #: the scale of the default split floor (:func:`broker_server.cluster_config.split_floor`; 0: none yet)
+    peak_norm: float = 0.0
 
     def fork(self, cluster_id: int) -> ClusterModel:
         """A new cluster continuing from this model and a copy of its strategy state."""
@@ -68,6 +71,7 @@ class ClusterModel:
             round=self.round,
             test_loss=self.test_loss,
             test_accuracy=self.test_accuracy,
+            peak_norm=self.peak_norm,
         )
 
 
@@ -134,6 +138,12 @@ def _optional_float(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+def _norm(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"peak_norm must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _model_json(model: ClusterModel) -> dict[str, Any]:
     state = model.strategy.state()
     return {
@@ -143,6 +153,7 @@ def _model_json(model: ClusterModel) -> dict[str, Any]:
         "round": model.round,
         "test_loss": model.test_loss,
         "test_accuracy": model.test_accuracy,
+        "peak_norm": model.peak_norm,
         "weights": _b64(model.weights),
         "strategy": {"name": model.strategy.name, "meta": state.meta, "tensors": _b64(state.tensors)},
     }
@@ -169,6 +180,7 @@ def _book(raw: Any, template: Strategy) -> ClusterBook:
             round=None if item["round"] is None else int(item["round"]),
             test_loss=_optional_float(item["test_loss"]),
             test_accuracy=_optional_float(item["test_accuracy"]),
+            peak_norm=_norm(item.get("peak_norm", 0.0)),  # absent in books stored before it was kept
         )
         models[model.cluster_id] = model
     missing = sorted(set(assignments.clusters()) - set(models))

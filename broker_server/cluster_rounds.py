@@ -18,7 +18,9 @@ A round, as the engine runs it:
 3. **Closing** (:meth:`ClusterRounds.complete`, :func:`advance`) — the accepted rows are grouped
    by their device's cluster. Per cluster, CFL's split test runs on its members' rows
    (:func:`~broker_server.strategies.clustering.check_split`: stationary mean, a large update,
-   groups with cosine similarity below ``threshold``); a split forks the parent's model and
+   groups with cosine similarity below ``threshold``), where "large" is ``min_update_norm`` or, by
+   default, half the cluster's peak update norm (:func:`broker_server.cluster_config.split_floor`:
+   a converged cluster does not split on noise); a split forks the parent's model and
    strategy state for the new groups (:meth:`ClusterAssignments.split`; the largest group keeps the
    id). Then, as in CFL's Algorithm 1, every (new) cluster aggregates its own members' rows of this
    round — the weighted mean ``Σ n_i Δ_i / Σ n_i`` through its ``strategy.apply`` — so the round
@@ -47,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.cluster_config import split_floor
 from broker_server.cluster_models import ClusterBook, ClusterModel, setting_key
 from broker_server.journal import RoundJournal
 from broker_server.robust import BufferConfig, Flattener, UpdateBuffer
@@ -105,8 +108,11 @@ def advance(
     for index in sorted(range(len(device_ids)), key=lambda i: device_ids[i]):
         groups.setdefault(assignments.cluster_of(device_ids[index]), []).append(index)
     forks: dict[int, int] = {}
+    peaks: dict[int, float] = {}
     for cluster_id, members in sorted(groups.items()):
-        check = check_split(rows[members], weights[members], config)
+        peaks[cluster_id] = peak = max(book.models[cluster_id].peak_norm, _median_norm(rows[members]))
+        floor = replace(config, min_update_norm=split_floor(config.min_update_norm, peak))
+        check = check_split(rows[members], weights[members], floor)
         if check.labels is None:
             log.debug("round %d: cluster %d stays whole: %s", round, cluster_id, check.reason)
             continue
@@ -120,7 +126,7 @@ def advance(
             check.max_norm,
         )
         for child in made:
-            models[child] = book.models[cluster_id].fork(child)
+            models[child] = replace(book.models[cluster_id].fork(child), peak_norm=peak)
         forks.update(made)
     regrouped: dict[int, list[int]] = {}
     for index in range(len(device_ids)):
@@ -137,10 +143,16 @@ def advance(
             strategy=model.strategy,
             parent=(model.cluster_id, model.version) if cluster_id not in forks else model.parent,
             round=round,
+            peak_norm=peaks.get(cluster_id, model.peak_norm),
         )
     new_book = ClusterBook(assignments=assignments, models=models, federation_version=book.federation_version + 1)
     reporters = {c: len(m) for c, m in sorted(regrouped.items())}
     return Advance(book=new_book, changed=tuple(sorted(regrouped)), forks=forks, reporters=reporters)
+
+
+def _median_norm(rows: np.ndarray) -> float:
+    """The median L2 norm of ``rows`` (float64 sums)."""
+    return float(np.median(np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))))
 
 
 class ClusterRounds:

@@ -31,7 +31,8 @@
    the clipper's statistics against the *previous* round's aggregate, because this round's does
    not exist until every update is folded in — so a streaming federation's first round, and the
    first after a restart, observe nothing), feeds :meth:`Reputation.update`, and logs every
-   decision at WARNING.
+   decision at WARNING. Asynchronous versions (FedBuff) feed their buffers' observations through
+   :meth:`Safeguards.observe_updates` (:mod:`broker_server.async_observers`).
 
 The reputation is JSON (:meth:`state` / :meth:`load_state`; the server keeps it as the store
 setting :data:`TRUST_SETTING`, written after each completed round).
@@ -231,7 +232,8 @@ class Safeguards:
         """End a restored round's refill: why the round must be abandoned ("" to go on).
 
         Tasks whose rows did not come back move from ``accepted`` to ``failed`` (the rule runs
-        without them; the store still counts them accepted, so a late copy stays a duplicate).
+        without them, and their examples leave the round's count; the store still counts them
+        accepted, so a late copy stays a duplicate).
         A complete refill is checked against the stored sums (:meth:`Refill.verify`).
         """
         refill, state.refill = state.refill, None
@@ -244,6 +246,7 @@ class Safeguards:
                 log.warning(
                     "round %d: %s did not re-send task %s; its update is left out", state.round, device_id, task_id
                 )
+            _count_refilled(state, refill)
             return ""
         reason = refill.verify()
         if reason:
@@ -297,12 +300,18 @@ class Safeguards:
         observations = self._observations(state, delta)
         if not self.buffered:
             self._reference = {name: np.array(value) for name, value in delta.items()}
-        if not observations:
+        return self.observe_updates(state.round, observations)
+
+    def observe_updates(self, round_number: int, observations: Mapping[str, Observation]) -> list[TrustDecision]:
+        """Feed one round's (or asynchronous buffer's, :mod:`broker_server.async_observers`) observations
+        to the reputation; returns (and logs) its decisions. A round it already holds is not observed again."""
+        reputation = self.reputation
+        if reputation is None or not observations:
             return []
-        if reputation.last_round is not None and state.round <= reputation.last_round:
-            log.warning("round %d: the reputation already holds round %d; not observed", state.round, state.round)
+        if reputation.last_round is not None and round_number <= reputation.last_round:
+            log.warning("round %d: the reputation already holds round %d; not observed", round_number, round_number)
             return []
-        decisions = reputation.update(state.round, observations)
+        decisions = reputation.update(round_number, observations)
         for decision in decisions:
             log.warning(
                 "trust: %s %s after round %d (score %.2f): %s",
@@ -361,6 +370,18 @@ class Safeguards:
             raise StorageError(f"the stored reputation ({TRUST_SETTING!r}) is unusable: {exc}") from exc
         if self.reputation.quarantined:
             log.warning("trust: restored with %s quarantined", ", ".join(self.reputation.quarantined))
+
+
+def _count_refilled(state: RoundState, refill: Refill) -> None:
+    """Take the left-out updates' examples out of a refilled round's count (its stored total less
+    the stored refill set's weight, plus the re-collected rows'). Their metrics are unknown (the store
+    keeps sums only), so the metric sums are scaled with the count: the round's mean metrics stay
+    those of the updates stored before the restart."""
+    before = state.examples
+    state.examples = max(0, before - round(refill.expected.total_weight) + round(refill.received.total_weight))
+    if before > 0:
+        scale = state.examples / before
+        state.metric_sums = {name: value * scale for name, value in state.metric_sums.items()}
 
 
 def _clipping(mean: WeightedMean, clip: float, reference: Tensors | None) -> ClippedWeightedMean:

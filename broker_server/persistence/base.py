@@ -9,7 +9,7 @@ share one database.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from broker_server.persistence.records import (
@@ -44,6 +44,14 @@ class ServerStore(Protocol):
     def devices(self) -> list[DeviceRow]:
         """All devices, sorted by id."""
         ...
+
+    def count_participation(self, counter: str, device_ids: Sequence[str]) -> None:
+        """Add one to ``counter`` (``"selected"``, ``"accepted"`` or ``"failed"``) of every device in
+        ``device_ids`` (listed twice: counted twice; unknown: a bare record), in one transaction.
+
+        For tasks outside rounds (asynchronous mode), which have no round rows that count them.
+        ``ValueError`` for another counter name.
+        """
 
     # -- rounds ----------------------------------------------------------------------------
 

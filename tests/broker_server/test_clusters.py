@@ -105,8 +105,8 @@ def config(rounds: int, **kw: object) -> ServerConfig:
 
 
 def groups(broker: InMemoryBroker, bundle: Bundle) -> tuple[list[FakeDevice], list[FakeDevice]]:
-    a = [DirectedDevice(broker, f"a-{i}", bundle, num_examples=10 * (i + 1)) for i in range(3)]
-    b = [DirectedDevice(broker, f"b-{i}", bundle, num_examples=10 * (i + 1)) for i in range(3)]
+    a: list[FakeDevice] = [DirectedDevice(broker, f"a-{i}", bundle, num_examples=10 * (i + 1)) for i in range(3)]
+    b: list[FakeDevice] = [DirectedDevice(broker, f"b-{i}", bundle, num_examples=10 * (i + 1)) for i in range(3)]
     return a, b
 
 

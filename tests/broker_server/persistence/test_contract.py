@@ -78,6 +78,17 @@ def test_participation_counters_follow_rounds_and_survive_upserts(store: SqlServ
 # -- rounds --------------------------------------------------------------------------------------
 
 
+def test_the_store_counts_participation_outside_rounds(store: SqlServerStore) -> None:
+    store.count_participation("selected", ["b", "a", "a"])
+    store.count_participation("accepted", ["a"])
+    store.count_participation("failed", ["b"])
+    store.count_participation("selected", [])
+    rows = {row.device_id: (row.selected, row.accepted, row.failed) for row in store.devices()}
+    assert rows == {"a": (2, 1, 0), "b": (1, 0, 1)}
+    with pytest.raises(ValueError, match="participation counter"):
+        store.count_participation("rounds", ["a"])
+
+
 def test_round_round_trip(backend: Backend, store: SqlServerStore) -> None:
     store.put_model_version(version_row(0, None))
     row = round_row(3)
