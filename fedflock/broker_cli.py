@@ -63,6 +63,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def run_broker(args: argparse.Namespace) -> int:
     """``fedflock broker``: resolve the settings (or print them with ``--print-config``), then run."""
     settings = resolve_settings(args)
+    if getattr(args, "role", None) is not None and not args.print_config:
+        from fedflock.broker_scaleout import run_scaleout
+
+        return run_scaleout(args, settings)
     if args.print_config:
         from fedflock.broker_toml import render_settings
 

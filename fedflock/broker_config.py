@@ -14,7 +14,8 @@ run-time settings (an annotated example: ``deploy/broker/broker.toml``; every ke
     [ota]             signing_key (a PEM Ed25519 key, 0600: every MODEL is signed; docs/security.md),
                       statement_lifetime (default "24h"; "none": statements without expiry)
     [hyperparameters] NAME = number or [numbers], sent in every task
-    [strategy] [robust] [trust] [asynchronous] [rollout] [privacy] [clusters]   passed to ServerConfig as tables
+    [strategy] [robust] [trust] [asynchronous] [rollout] [privacy] [clusters] [secagg] [blobs]
+                      passed to ServerConfig as tables ([blobs]: docs/blobs.md; its root is a path)
 
 **Precedence.** Built-in defaults, then the file, then the flags given on the command line: a flag
 overrides the file key it names (table ``FLAG_KEYS``), whatever its value. ``--freeze`` and
@@ -138,6 +139,8 @@ OPEN_TABLES = (
     "privacy",
     "clusters",
     "secagg",
+    "blobs",
+    "scaleout",  # read by fedflock.broker_scaleout (--role), checked by broker_server.scaleout.parse_scaleout
 )
 _PATH_KEYS = {"server": ("bundle", "out", "test_data"), "mqtt": ("password_file", "ca_file", "cert_file", "key_file")}
 _PATH_KEYS["ota"] = ("signing_key",)
@@ -210,6 +213,9 @@ def normalize_document(raw: Mapping[str, Any], *, base: Path) -> Document:
         for key in _PATH_KEYS.get(name, ()):
             if isinstance(table.get(key), str):
                 table[key] = str((base / Path(table[key]).expanduser()).resolve())
+    blobs = doc.get("blobs", {})
+    if isinstance(blobs.get("root"), str):  # the local blob store's directory, like the other paths
+        blobs["root"] = str((base / Path(blobs["root"]).expanduser()).resolve())
     server = doc.get("server", {})
     if isinstance(server.get("store"), str):
         server["store"] = resolve_store(server["store"], base)
@@ -268,6 +274,7 @@ def build_settings(doc: Document) -> BrokerSettings:
         privacy=doc.get("privacy"),
         clusters=doc.get("clusters"),
         secagg=doc.get("secagg"),
+        blobs=doc.get("blobs"),
     )
     ops = doc.get("ops", {})
     port = _opt_int(ops, "ops", "port")

@@ -134,6 +134,14 @@ def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
         help="central differential privacy (docs/privacy.md): a [privacy] key, e.g. epsilon=3, delta=1e-5, "
         "clip_norm=1.0, population=500, noise_multiplier=1.1 (or rounds=30); giving any turns DP on (repeatable)",
     )
+    arg(
+        "--secagg-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="secure aggregation (docs/secagg.md): a [secagg] key, e.g. clip=0.1, quant_bits=8, threshold=7, "
+        "keys_timeout_s=30; giving any turns it on (repeatable)",
+    )
     arg("--mode", choices=("sync", "async"), default=None, help="sync rounds (default) or buffered async (FedBuff)")
     arg(
         "--async-option",
@@ -162,6 +170,20 @@ def add_broker_arguments(broker: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics, /api/status, /healthz, /readyz and a dashboard on this port",
     )
     arg("--ops-host", default=None, help="address for --ops-port (default 127.0.0.1; 0.0.0.0 in a container)")
+    arg(
+        "--role",
+        choices=("coordinator", "worker"),
+        default=None,
+        help="scale-out (docs/scaleout.md): run the rounds (coordinator) or count results from the shared "
+        "subscription (worker); needs a postgresql:// --store shared by all",
+    )
+    arg(
+        "--scaleout-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a [scaleout] key, e.g. worker_id=w1, group=fedflock-workers, lease_s=10 (repeatable)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,6 +232,8 @@ def flag_layer(args: argparse.Namespace) -> FlagLayer:
         ("trust", args.trust_option, "--trust-option"),
         ("asynchronous", args.async_option, "--async-option"),
         ("privacy", args.privacy_option, "--privacy-option"),
+        ("secagg", args.secagg_option, "--secagg-option"),
+        ("scaleout", getattr(args, "scaleout_option", None), "--scaleout-option"),
     ):
         if items:
             options[table] = _options(dict(tables.get(table, {})), items, flag)

@@ -34,6 +34,7 @@ _TABLE_ORDER = (
     "clusters",
     "privacy",
     "secagg",
+    "blobs",
     "ota",
 )
 
@@ -98,6 +99,7 @@ def settings_document(settings: BrokerSettings) -> Document:
         "clusters": config.clusters,
         "privacy": config.privacy,
         "secagg": config.secagg,
+        "blobs": config.blobs,
     }
     doc.update({name: dict(table) for name, table in optional.items() if table is not None})
     if settings.signing_key is not None:

@@ -26,6 +26,18 @@ Schema version 2 (update binding, issue #7) adds to ``round_tasks``: ``nonce`` a
 ``base_digest`` (TEXT, ``''`` for tasks stored before: issued unbound, their updates are
 accepted without them), so a restarted server re-sends the same nonce and still refuses replays.
 
+Schema version 3 (scale-out workers, issue #9; :mod:`broker_server.persistence.scaleout`,
+docs/scaleout.md) adds four tables, unused by a single server::
+
+    scaleout_rounds   round PK -> rounds, status collecting|closing|closed, updated_at
+    scaleout_workers  session PK, worker_id, status alive|fenced|stopped, beats, started_at, updated_at
+    scaleout_claims   (round, task_id) PK -> round_tasks: the one worker session that counted the
+                      task's result; session -> scaleout_workers, outcome accepted|failed,
+                      result_key, weight, reason, flushed (0/1), claimed_at
+    scaleout_partials (round, session) PK: a worker's flushed partial aggregate of the round:
+                      sums (float64 tensor set), total_weight, update_count, metric_sums (JSON),
+                      task_ids (JSON list), flushes, updated_at
+
 ``MIGRATIONS[v]`` turns schema ``v`` into ``v + 1`` (step 0 creates version 1), all inside one
 transaction with the version bump, so a failed migration leaves the old version; PostgreSQL
 and SQLite both have transactional DDL. To change the schema append a step and bump
@@ -44,7 +56,7 @@ from broker_server.persistence.errors import StorageError
 __all__ = ["APPLICATION", "MIGRATIONS", "SCHEMA_VERSION", "TABLES", "Cursor", "Dialect", "Tx", "ensure_schema"]
 
 APPLICATION = "fedflock-server"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TABLES = frozenset(
     {
         "fedflock_meta",
@@ -56,6 +68,10 @@ TABLES = frozenset(
         "strategy_state",
         "rollout_state",
         "settings",
+        "scaleout_rounds",
+        "scaleout_workers",
+        "scaleout_claims",
+        "scaleout_partials",
     }
 )
 
@@ -178,7 +194,55 @@ def _bind_tasks_v2(tx: Tx) -> None:
     tx.execute("ALTER TABLE round_tasks ADD COLUMN base_digest TEXT NOT NULL DEFAULT ''")
 
 
-MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _bind_tasks_v2}
+_SCALEOUT_V3 = (
+    """CREATE TABLE scaleout_rounds (
+        round      BIGINT PRIMARY KEY REFERENCES rounds (round),
+        status     TEXT NOT NULL CHECK (status IN ('collecting', 'closing', 'closed')),
+        updated_at {real} NOT NULL
+    )""",
+    """CREATE TABLE scaleout_workers (
+        session    TEXT PRIMARY KEY,
+        worker_id  TEXT NOT NULL,
+        status     TEXT NOT NULL CHECK (status IN ('alive', 'fenced', 'stopped')),
+        beats      BIGINT NOT NULL DEFAULT 0,
+        started_at {real} NOT NULL,
+        updated_at {real} NOT NULL
+    )""",
+    """CREATE TABLE scaleout_claims (
+        round      BIGINT NOT NULL,
+        task_id    TEXT NOT NULL,
+        session    TEXT NOT NULL REFERENCES scaleout_workers (session),
+        outcome    TEXT NOT NULL CHECK (outcome IN ('accepted', 'failed')),
+        result_key TEXT NOT NULL,
+        weight     {real} NOT NULL,
+        reason     TEXT NOT NULL DEFAULT '',
+        flushed    INTEGER NOT NULL DEFAULT 0,
+        claimed_at {real} NOT NULL,
+        PRIMARY KEY (round, task_id),
+        FOREIGN KEY (round, task_id) REFERENCES round_tasks (round, task_id)
+    )""",
+    "CREATE INDEX scaleout_claims_by_session ON scaleout_claims (session, round)",
+    """CREATE TABLE scaleout_partials (
+        round        BIGINT NOT NULL REFERENCES rounds (round),
+        session      TEXT NOT NULL REFERENCES scaleout_workers (session),
+        sums         {blob},
+        total_weight {real} NOT NULL,
+        update_count BIGINT NOT NULL,
+        metric_sums  TEXT NOT NULL,
+        task_ids     TEXT NOT NULL,
+        flushes      BIGINT NOT NULL,
+        updated_at   {real} NOT NULL,
+        PRIMARY KEY (round, session)
+    )""",
+)
+
+
+def _scaleout_v3(tx: Tx) -> None:
+    for statement in _SCALEOUT_V3:
+        tx.execute(statement.format(blob=tx.dialect.blob, real=tx.dialect.real))
+
+
+MIGRATIONS: Mapping[int, Migration] = {0: _create_v1, 1: _bind_tasks_v2, 2: _scaleout_v3}
 
 
 def ensure_schema(

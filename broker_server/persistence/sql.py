@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, ClassVar
@@ -40,7 +40,7 @@ from broker_server.persistence.records import (
     RoundSnapshot,
     StrategyStateRow,
 )
-from broker_server.persistence.schema import Cursor, Dialect, ensure_schema
+from broker_server.persistence.schema import Cursor, Dialect, Tx, ensure_schema
 from edge_agent.protocol.tensors import encode_tensors
 
 __all__ = ["SqlServerStore"]
@@ -158,6 +158,13 @@ class SqlServerStore(ABC):
     def devices(self) -> list[DeviceRow]:
         with self._transaction("read the devices", write=False) as tx:
             return queries.select_devices(tx)
+
+    def count_participation(self, counter: str, device_ids: Sequence[str]) -> None:
+        if counter not in ("selected", "accepted", "failed"):
+            raise ValueError(f"not a participation counter: {counter!r}")
+        with self._transaction(f"count {len(device_ids)} {counter} tasks", write=True) as tx:
+            for device_id in sorted(device_ids):  # one lock order, as in insert_round
+                queries.count_participation(tx, device_id, f"{counter}_count")
 
     # -- rounds ------------------------------------------------------------------------------
 
@@ -317,6 +324,12 @@ class SqlServerStore(ABC):
             self._conn = None
             self._conn = self._connect_checked()
         return self._conn
+
+    def transaction(self, action: str, *, write: bool) -> contextlib.AbstractContextManager[Tx]:
+        """One transaction for a store extension in this package (e.g. ``scaleout.py``): the same
+        lock, BEGIN/COMMIT and rollback on any exception as every method here; ``action`` names it
+        in errors."""
+        return self._transaction(action, write=write)
 
     @contextmanager
     def _transaction(self, action: str, *, write: bool) -> Iterator[_Transaction]:

@@ -1,0 +1,345 @@
+"""The scale-out coordinator: the server's synchronous round loop, with the counting done by workers.
+
+:class:`ScaleoutCoordinator` does what :class:`~broker_server.server.FederatedServer` does in a
+sync round — device registry (it subscribes to STATUS only), selection
+(:class:`~broker_server.participation.RoundSelector`), the round's plan, task bindings, TASKs,
+the deadline, ``strategy.apply``, the new version through the journal — from the same pieces,
+but never sees an UPDATE: the workers (:mod:`broker_server.scaleout.worker`) claim and fold them.
+It follows a round through the store: the accepted and failed claims decide the outcome
+(:func:`~broker_server.selection.round_outcome`, exactly as a single server's counts would), and
+:func:`~broker_server.scaleout.closing.gather_round` combines the workers' partials at the close.
+
+Liveness: every poll it reads the workers' beat counters; a session whose counter has not moved
+for ``lease_s`` on the coordinator's own clock (no clock skew between hosts involved) is fenced,
+and the TASKs of the updates it had claimed but not flushed are sent again — the agents answer
+a known task id with their stored result, and another worker counts it.
+
+TASKs always travel whole (a chunked download's acks would go to the workers) and ask devices to
+send results of up to ``max_result_bytes`` whole. A coordinator restarted on a store with an open
+round abandons that round and starts the next one (the single server's resume is not wired).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from broker_server.dispatch import Dispatcher
+from broker_server.journal import OpenRound, RoundJournal
+from broker_server.models import ModelPublisher
+from broker_server.participation import RoundSelector
+from broker_server.persistence.scaleout import ScaleoutLedger
+from broker_server.persistence.sql import SqlServerStore
+from broker_server.registry import DeviceRegistry
+from broker_server.round_engine import Evaluator
+from broker_server.round_plan import RoundPlan
+from broker_server.rounds import RoundState, bind_tasks
+from broker_server.scaleout.closing import gather_round
+from broker_server.scaleout.config import ScaleoutSettings, check_scaleout
+from broker_server.selection import Abandon, Complete, Wait, round_outcome
+from broker_server.server_config import RoundResult, ServerConfig
+from broker_server.store import ModelStore
+from broker_server.strategies import Strategy, TaskSettings, check_task_settings, plain_tensor_names
+from edge_agent.errors import ProtocolError
+from edge_agent.protocol.binding import payload_digest
+from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
+from edge_agent.protocol.tensors import encode_tensors
+from edge_agent.runtime.bundle import Bundle
+from edge_agent.transfer import TransferLink
+from edge_agent.transport.base import Transport
+
+__all__ = ["ScaleoutCoordinator"]
+
+log = logging.getLogger("fedflock.scaleout")
+
+Tensors = dict[str, np.ndarray]
+
+
+class ScaleoutCoordinator:
+    """Runs the rounds; ``store`` is the PostgreSQL store the workers share (its owner closes it)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        bundle: Bundle,
+        config: ServerConfig,
+        *,
+        store: SqlServerStore,
+        settings: ScaleoutSettings,
+        evaluator: Evaluator | None = None,
+        out_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        check_store: bool = True,
+    ) -> None:
+        """``check_store=False`` skips the PostgreSQL-only check (tests of the logic on SQLite)."""
+        check_scaleout(config, "postgresql://" if not check_store else getattr(store, "where", None))
+        self.config, self.bundle, self.settings = config, bundle, settings
+        self.strategy: Strategy = config.make_strategy()
+        self.registry = DeviceRegistry()
+        self.results: list[RoundResult] = []
+        self.weights: Tensors = {}
+        self.model_version = 0
+        #: worker sessions fenced, and TASKs re-sent for their unflushed updates
+        self.fenced: list[str] = []
+        self.resent = 0
+        self._transport, self._evaluator, self._clock = transport, evaluator, clock
+        self._wall_clock = wall_clock
+        self._journal = RoundJournal(store, wall_clock=wall_clock)
+        self._ledger = ScaleoutLedger(store, clock=wall_clock)
+        self._selector = RoundSelector(
+            config.selection_policy(), window_s=config.budget_window_s, rng=rng or random.Random(config.seed)
+        )
+        self._dispatcher = Dispatcher(
+            transport,
+            config.topics,
+            link=TransferLink(transport, clock=clock),
+            registry=self.registry,
+            publisher=ModelPublisher(config.topics),
+            on_result=self._not_here,
+            clock=clock,
+        )
+        self._models = ModelStore(Path(out_dir) / "models") if out_dir is not None else None
+        self._plain = plain_tensor_names(bundle.manifest)
+        self._beats: dict[str, tuple[int, float]] = {}
+        self._next_round = 1
+        #: the round being collected: its state, plan, TASK payload and deadline (for re-sends)
+        self._live: tuple[RoundState, RoundPlan, bytes, float] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, weights: Tensors | None = None) -> None:
+        """Store version 0 (or continue the store's federation), connect, subscribe to STATUS."""
+        check_task_settings(TaskSettings(hyperparameters=self._plan(1, 1).hyperparameters), self.bundle.manifest)
+        initial = weights if weights is not None else self.bundle.initial_weights()
+        resumption = self._journal.begin(self.bundle, initial, self.strategy)
+        self.weights = initial
+        if resumption is not None:
+            self.weights, self.model_version = resumption.weights, resumption.model_version
+            self._next_round = resumption.next_round
+            if resumption.open_round is not None:
+                self._abandon_open(resumption.open_round)
+        elif self._models is not None:
+            self._models.save(0, self.weights, {"parent": None, "bundle_digest": self.bundle.digest})
+        self._transport.start()
+        self._transport.subscribe(self.config.topics.all_devices("status"), qos=1)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
+        """Run rounds up to ``config.rounds`` (counting the store's earlier ones)."""
+        while self._next_round <= self.config.rounds:
+            result = self.run_round(self._next_round)
+            if on_round is not None:
+                on_round(result)
+        return self.results
+
+    def wait_for_devices(self, count: int, timeout_s: float) -> list[str]:
+        deadline = self._clock() + timeout_s
+        while len(eligible := self.registry.eligible(self.bundle.digest)) < count and self._clock() < deadline:
+            self._dispatcher.pump(min(0.25, max(deadline - self._clock(), 0.0)))
+        return eligible
+
+    # -- one round -------------------------------------------------------------------------------
+
+    def run_round(self, number: int) -> RoundResult:
+        started, config = self._clock(), self.config
+        self._next_round = max(self._next_round, number + 1)
+        self.wait_for_devices(config.min_clients, config.wait_for_clients_s)
+        now = self._wall_clock()
+        selection = self._selector.choose(number, self.registry.candidates(self.bundle.digest), now=now)
+        if selection.eligible < config.min_clients:
+            reason = f"only {selection.eligible} eligible devices online, need {config.min_clients}"
+            self._journal.round_skipped(number, self.model_version, reason)
+            return self._finish(self._result(number, None, started, completed=False, reason=reason))
+        plan = self._plan(number, selection.wanted)
+        state = RoundState(
+            round=number,
+            model_version=self.model_version,
+            tasks={f"r{number}-{uuid.uuid4().hex[:12]}": device_id for device_id in selection.chosen},
+            specs=self.bundle.manifest.aggregated_tensors,
+            codecs=plan.codec_names,
+        )
+        shared = self.bundle.manifest.shared_model_tensors
+        payload = encode_tensors({t.name: self.weights[t.name] for t in shared})
+        state.bindings = bind_tasks(state.tasks, payload_digest(payload))
+        self._journal.round_opened(OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s))
+        self._ledger.open_round(number)
+        self._selector.record(number, selection.chosen, now=now)
+        deadline = self._clock() + plan.timeout_s
+        self._live = (state, plan, payload, deadline)
+        try:
+            self._send(state.tasks)
+            outcome = self._collect(state, plan, deadline)
+            return self._close(state, outcome, started)
+        finally:
+            self._live = None
+
+    def _plan(self, number: int, wanted: int) -> RoundPlan:
+        plan = RoundPlan.make(
+            self.config, self.strategy.configure_task(number), wanted=wanted, strategy=self.strategy.name
+        )
+        return dataclasses.replace(plan, max_chunk_bytes=self.settings.max_result_bytes)
+
+    def _collect(self, state: RoundState, plan: RoundPlan, deadline: float) -> Complete | Abandon:
+        while True:
+            accepted, failed, _ = self._ledger.counts(state.round)
+            outcome = round_outcome(
+                accepted,
+                wanted=plan.wanted,
+                min_reports=self.config.min_reports,
+                outstanding=len(state.tasks) - accepted - failed,
+                deadline_passed=self._clock() >= deadline,
+            )
+            if not isinstance(outcome, Wait):
+                return outcome
+            self._watch()
+            self._dispatcher.pump(min(self.settings.poll_s, max(deadline - self._clock(), 0.0)))
+
+    def _close(self, state: RoundState, outcome: Complete | Abandon, started: float) -> RoundResult:
+        gathered = gather_round(
+            self._ledger,
+            state,
+            close_timeout_s=self.settings.close_timeout_s,
+            clock=self._clock,
+            wait=self._dispatcher.pump,
+            watch=self._watch,
+            poll_s=self.settings.poll_s,
+        )
+        closed, number = gathered.state, state.round
+        self.fenced.extend(gathered.fenced)
+        reason = outcome.reason if isinstance(outcome, Abandon) else ""
+        if isinstance(outcome, Complete) and len(closed.accepted) < self.config.min_reports:
+            reason = f"{gathered.lost} updates lost with workers that died at the close; {len(closed.accepted)} left"
+        if reason:
+            self._journal.abandoned(number, reason)
+            self._ledger.closed(number)
+            return self._finish(self._result(number, closed, started, completed=False, reason=reason))
+        began = self._clock()
+        weights = self.strategy.apply(self.weights, closed.mean.result(), round=number, plain=self._plain)
+        aggregation_s = self._clock() - began
+        test = self._evaluator(weights) if self._evaluator is not None else None
+        result = self._result(number, closed, started, completed=True, version=self.model_version + 1)
+        result = dataclasses.replace(
+            result,
+            aggregation_s=aggregation_s,
+            test_loss=test.loss if test else None,
+            test_accuracy=test.accuracy if test else None,
+        )
+        self._journal.completed(
+            number,
+            version=result.model_version,
+            parent=self.model_version,
+            bundle_digest=self.bundle.digest,
+            weights=weights,
+            metrics=asdict(result),
+            strategy=self.strategy,
+        )
+        self._ledger.closed(number)
+        self.weights, self.model_version = weights, result.model_version
+        if self._models is not None:
+            self._models.save(result.model_version, weights, {"parent": result.model_version - 1, "round": number})
+        return self._finish(result)
+
+    # -- workers and TASKs -----------------------------------------------------------------------
+
+    def _watch(self) -> dict[int, list[str]]:
+        """Fence every live worker whose beats stopped for ``lease_s``; re-send the current round's
+        TASKs it had claimed but not flushed. Returns what was released, by round."""
+        now, released = self._clock(), dict[int, list[str]]()
+        for worker in self._ledger.workers():
+            if worker.status != "alive":
+                continue
+            seen = self._beats.get(worker.session)
+            if seen is None or seen[0] != worker.beats:
+                self._beats[worker.session] = (worker.beats, now)
+            elif now - seen[1] > self.settings.lease_s:
+                freed = self._ledger.fence(worker.session)
+                self.fenced.append(worker.session)
+                log.warning("worker %s missed its lease; fenced, releasing %s", worker.session, freed or "nothing")
+                for number, tasks in freed.items():
+                    released.setdefault(number, []).extend(tasks)
+        live = self._live
+        if live is not None and released.get(live[0].round):
+            state = live[0]
+            self._send({task_id: state.tasks[task_id] for task_id in released[state.round]}, again=True)
+        return released
+
+    def _send(self, tasks: Mapping[str, str], *, again: bool = False) -> None:
+        if self._live is None:
+            return
+        state, plan, payload, deadline = self._live
+        deadline_s = deadline - self._clock()
+        if deadline_s <= 0:
+            return
+        for task_id, device_id in tasks.items():
+            task = plan.task(
+                device_id=device_id,
+                round=state.round,
+                task_id=task_id,
+                model_version=state.model_version,
+                bundle_digest=self.bundle.digest,
+                deadline_s=deadline_s,
+            )
+            task = dataclasses.replace(task, nonce=state.bindings[task_id].nonce)
+            self._transport.publish(self.config.topics.tasks(device_id), encode_message(task, payload=payload), qos=1)
+        if again:
+            self.resent += len(tasks)
+
+    def _abandon_open(self, opened: OpenRound) -> None:
+        number = opened.state.round
+        reason = "the scale-out coordinator restarted; its open round is not resumed"
+        if self._ledger.round_status(number) in ("collecting", "closing"):
+            self._ledger.closed(number)
+        self._journal.abandoned(number, reason)
+        log.warning("round %d abandoned: %s", number, reason)
+
+    @staticmethod
+    def _not_here(message: UpdateMessage | ErrorMessage) -> bool:
+        raise ProtocolError("results are counted by the scale-out workers, not the coordinator")
+
+    def _finish(self, result: RoundResult) -> RoundResult:
+        self.results.append(result)
+        log.info(
+            "round %d: %s, %d/%d updates (%d examples), %.1fs",
+            result.round,
+            f"v{result.model_version}" if result.completed else f"abandoned ({result.reason})",
+            result.reported,
+            result.selected,
+            result.num_examples,
+            result.duration_s,
+        )
+        return result
+
+    def _result(
+        self,
+        number: int,
+        state: RoundState | None,
+        started: float,
+        *,
+        completed: bool,
+        reason: str = "",
+        version: int | None = None,
+    ) -> RoundResult:
+        return RoundResult(
+            round=number,
+            model_version=self.model_version if version is None else version,
+            selected=len(state.tasks) if state else 0,
+            reported=len(state.accepted) if state else 0,
+            failed=len(state.failed) if state else 0,
+            num_examples=state.num_examples if state else 0,
+            duration_s=self._clock() - started,
+            completed=completed,
+            reason=reason,
+            train_metrics=state.mean_metrics() if state and completed else {},
+        )
