@@ -25,16 +25,13 @@ in which nothing was accepted for ``task_timeout_s + wait_for_clients_s`` seals 
 holds (a smaller buffer, so no accepted update is left behind) or, with an empty buffer, stops
 with an abandoned result.
 
-Robust rules: the streaming ``clip`` rule clips every update in the buffer; the buffered rules
-(median, trimmed mean, Krum) are refused by :class:`ServerConfig`. Tiered trust excludes and
-refuses quarantined devices; reputations are not updated by asynchronous versions.
-
-Persistence (:mod:`broker_server.async_ledger`): the task table and the open buffer are stored as
-one setting after every change, before the next message is handled; a sealed buffer is stored
-(full) before its version, so a restart refolds accepted-but-unsealed updates, seals a full
-buffer whose version was not stored, and never counts an update twice. Known limit: the store's
-per-device participation counters (selected/accepted) count rounds' tasks only, so they stay 0
-for asynchronous tasks.
+Robust rules: ``clip`` clips every update in the buffer; median, trimmed mean and Krum are
+refused by :class:`ServerConfig`. Tiered trust refuses quarantined devices, and each sealed
+buffer updates the reputations and the store's participation counters
+(:mod:`broker_server.async_observers`). Persistence (:mod:`broker_server.async_ledger`): the task
+table and the open buffer are stored after every change, before the next message is handled; a
+sealed buffer is stored before its version, so a restart refolds accepted-but-unsealed updates,
+seals a full buffer whose version was not stored, and never counts an update twice.
 """
 
 from __future__ import annotations
@@ -50,7 +47,9 @@ import numpy as np
 from broker_server.aggregate import WeightedMean
 from broker_server.async_config import AsyncSettings
 from broker_server.async_ledger import ASYNC_SETTING, AsyncLedger, TaskEntry, expire_tasks, issue_tasks
-from broker_server.async_results import UpdateRefused, rebase_buffers, result_metrics
+from broker_server.async_observers import AsyncObservers
+from broker_server.async_results import UpdateRefused, rebase_buffers, remember_version, result_metrics
+from broker_server.blob_service import send_grant
 from broker_server.fedbuff import Accepted, BufferCheckpoint, BufferResult, FedBuff, IssuedTask, Rejected
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.participation import RoundSelector
@@ -100,8 +99,7 @@ class AsyncEngine:
         self._plain = plain_tensor_names(core.bundle.manifest)
         self._codecs = frozenset(CodecSpec.parse(name).name for name in core.config.codecs)
         self._lock = threading.RLock()
-        #: tasks issued and not answered yet (open or timed out)
-        self._tasks: dict[str, TaskEntry] = {}
+        self._tasks: dict[str, TaskEntry] = {}  # issued, not answered yet (open or timed out)
         #: answered tasks, kept while a replay of them would not be stale (so it is a duplicate)
         self._answered: dict[str, IssuedTask] = {}
         self._buffer = self._new_buffer(0)
@@ -117,8 +115,9 @@ class AsyncEngine:
         self._history: dict[int, dict[str, np.ndarray]] = {}
         #: results of versions made (or of a stop), for the server's loop to report
         self.made: deque[RoundResult] = deque()
-        #: ERROR results from devices (failed tasks)
-        self.failed = 0
+        self.failed = 0  # ERROR results from devices (failed tasks)
+        specs = core.bundle.manifest.aggregated_tensors  # observers: trust and participation counters
+        self._observers = AsyncObservers(core.safeguards, specs, journal=journal, counters=journal.store)
 
     def _new_buffer(self, version: int) -> FedBuff:
         robust = self._core.safeguards.settings
@@ -264,6 +263,7 @@ class AsyncEngine:
         if self._selector.budgeted:
             self._journal.save_setting(RoundSelector.SETTING, self._selector.to_json())
         self._sent += len(issued)
+        self._observers.issued([entry.device_id for entry in issued.values()])
         self._send(issued)
 
     def _version_payload(self) -> tuple[int, bytes, str]:
@@ -291,14 +291,13 @@ class AsyncEngine:
             )
             envelope = encode_message(dataclasses.replace(task, nonce=entry.nonce), payload=payload)
             topic = core.config.topics.tasks(device_id)
+            send_grant(core.claims, self._registry, self._transport, topic, task)  # claim check ([blobs])
             if len(envelope) <= chunk:
                 self._transport.publish(topic, envelope, qos=1)
             else:
                 self._link.send(
                     topic, envelope, device_id=device_id, round=self._round, task_id=task_id, chunk_size=chunk
                 )
-
-    # -- results ---------------------------------------------------------------------------------
 
     def on_result(self, message: UpdateMessage | ErrorMessage) -> bool:
         """An UPDATE or ERROR; True for a counted update; raises ProtocolError for one not accepted."""
@@ -327,6 +326,7 @@ class AsyncEngine:
         )
         if not outcome.ready:
             self._save(self._buffer.snapshot())
+        self._observers.accepted(update)  # before the seal that may take it
         self._seal_ready()
 
     def _failed(self, error: ErrorMessage) -> None:
@@ -339,6 +339,7 @@ class AsyncEngine:
         self.failed += 1
         self._failed_here += 1
         self._save(self._buffer.snapshot())
+        self._observers.failed(error.device_id)
         log.warning("device %s failed task %s (%s): %s", error.device_id, error.task_id, error.code, error.reason)
 
     def _seal_ready(self) -> None:
@@ -363,9 +364,8 @@ class AsyncEngine:
             strategy=core.strategy,
         )
         core.weights, core.model_version = weights, sealed.version
-        self._history[sealed.version] = {name: np.array(weights[name]) for name in self._plain}
-        for old in [v for v in self._history if v < sealed.version - self.settings.max_staleness]:
-            del self._history[old]
+        self._observers.sealed(self._round, sealed)  # after the version's commit, like a sync round's
+        remember_version(self._history, sealed.version, weights, self._plain, self.settings.max_staleness)
         self._save(self._buffer.snapshot())
         self.made.append(result)
         self._progress = self._clock()

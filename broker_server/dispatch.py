@@ -6,7 +6,9 @@ generated ACL the topic's id is the authenticated MQTT username, so a header nam
 device is a forgery or a mix-up; update binding, :mod:`edge_agent.protocol.binding`), reassembles chunked uploads, and
 hands it on: STATUS to the :class:`~broker_server.registry.DeviceRegistry` and to the
 :class:`~broker_server.models.ModelPublisher` (a staged rollout folds install reports in), FETCH
-to the publisher, UPDATE and ERROR to the round engine's ``on_result``. Every pump also ticks the
+to the publisher, UPDATE and ERROR to the round engine's ``on_result``. A CLAIM reference (with
+``claims`` set: the server's ``[blobs]`` table) is resolved from the blob store and handled as
+the object it carries, checked like a reassembled upload (docs/blobs.md). Every pump also ticks the
 publisher (a rollout's soak time). Anything unacceptable (a :class:`ProtocolError`) is logged with its reason and
 counted in :attr:`Dispatcher.rejections`; it never stops the server and never disturbs updates
 already accepted. Any other error (e.g. a :class:`~edge_agent.errors.StorageError` committing an
@@ -18,13 +20,17 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
+from broker_server.blob_claims import ServerClaims
+from broker_server.blob_service import resolve_claim
 from broker_server.events import ServerEvents
 from broker_server.models import ModelPublisher
 from broker_server.registry import DeviceRegistry
 from broker_server.server_config import Rejection
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol.binding import CrossDevice
+from edge_agent.protocol.claim_messages import CLAIM_TYPES
 from edge_agent.protocol.messages import (
     ChunkAck,
     ChunkMessage,
@@ -48,6 +54,9 @@ ResultHandler = Callable[[UpdateMessage | ErrorMessage], bool]
 
 
 class Dispatcher:
+    #: claim checks (ServerBlobs.attach; None: off): references resolved, model fetches by reference
+    claims: ServerClaims | None = None
+
     def __init__(
         self,
         transport: Transport,
@@ -100,6 +109,11 @@ class Dispatcher:
                     raise ProtocolError(f"reassembled object from {device_id!r} is not one of its results")
                 if message.device_id != device_id:
                     raise CrossDevice(f"reassembled object from {device_id!r} names device {message.device_id!r}")
+            elif isinstance(message, CLAIM_TYPES) and kind == RESULTS:  # a claim check (docs/blobs.md)
+                publish = partial(self._transport.publish, self._topics.tasks(device_id), qos=1)
+                if (carried := resolve_claim(self.claims, message, device_id, publish)) is None:
+                    return
+                message = carried
             self._dispatch(kind, message)
         except ProtocolError as exc:
             self.rejections.append(Rejection(device_id, exc.code, exc.reason))
@@ -112,7 +126,9 @@ class Dispatcher:
             self._registry.observe(message, self._clock())
             self._publisher.observe(self._transport, message)
         elif kind == RESULTS and isinstance(message, FetchMessage):
-            self._publisher.handle_fetch(message, self._link)
+            record, claims = self._registry.get(message.device_id), self.claims
+            wants = claims is not None and record is not None and claims.wants(record.capabilities)
+            self._publisher.handle_fetch(message, self._link, claims=claims if wants else None)
         elif kind == RESULTS and isinstance(message, UpdateMessage | ErrorMessage):
             if self._on_result(message) and isinstance(message, UpdateMessage) and self._events is not None:
                 self._events.update_accepted(message.codec, len(message.payload))

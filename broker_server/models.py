@@ -17,7 +17,9 @@ CHUNK_ACKs arrive on the device's ``results`` topic as for any download). Decisi
   the server counts the rejection; beyond ``max_transfers`` concurrent transfers a FETCH is
   dropped unanswered (:class:`ProtocolError`; the device asks again after its timeout);
 * at most ``keep`` versions stay in memory (announced ones, and those of a rollout, are never
-  dropped).
+  dropped);
+* with claim checks (the server's ``[blobs]`` table, a device announcing ``claim_check``) an
+  archive above the threshold is answered by a CLAIM reference (presigned GET) instead of CHUNKs.
 
 With ``rollout`` settings (``ServerConfig.rollout``) the publisher owns a
 :class:`~broker_server.rollout_control.RolloutController`: :meth:`ModelPublisher.start_rollout`
@@ -44,10 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from broker_server.blob_claims import ServerClaims
 from broker_server.persistence.base import ServerStore
 from broker_server.rollout import RolloutState
 from broker_server.rollout_config import RolloutSettings
 from broker_server.rollout_control import RolloutController
+from edge_agent.blobs import BlobError, should_claim_check
 from edge_agent.errors import ConfigError, ContractViolation, ProtocolError, TransportError
 from edge_agent.ota.archive import pack_bundle
 from edge_agent.protocol.manifest import load_manifest
@@ -271,9 +275,11 @@ class ModelPublisher:
         """The transfer id of the device's current model download, if any."""
         return self._transfers.get(device_id)
 
-    def handle_fetch(self, fetch: FetchMessage, link: TransferLink) -> str:
+    def handle_fetch(self, fetch: FetchMessage, link: TransferLink, *, claims: ServerClaims | None = None) -> str:
         """Start sending the archive to ``fetch.device_id``; returns the transfer id.
 
+        With ``claims`` (the device takes claim checks) an archive above their threshold goes by
+        reference instead: stored once, a CLAIM with a presigned GET URL; returns its claim id.
         Raises :class:`ContractViolation` (after answering the device with an ERROR) for a
         version not held, :class:`ProtocolError` when too many transfers are running.
         """
@@ -288,6 +294,8 @@ class ModelPublisher:
             self.counters["not_targeted"] += 1
             self._answer_error(link, fetch, refusal)
             raise ContractViolation(refusal)
+        if claims is not None and should_claim_check(len(release.archive), claims.config.threshold):
+            return self._send_reference(fetch, link, claims, release)
         self._prune_transfers(link)
         previous = self._transfers.pop(fetch.device_id, None)
         if previous is not None:
@@ -308,6 +316,16 @@ class ModelPublisher:
         self.counters["served"] += 1
         log.info("sending model v%d to %s (transfer %s)", fetch.version, fetch.device_id, transfer_id)
         return transfer_id
+
+    def _send_reference(self, fetch: FetchMessage, link: TransferLink, claims: ServerClaims, release: Release) -> str:
+        try:
+            reference = claims.model_reference(fetch.device_id, fetch.version, release.archive)
+        except BlobError as exc:  # the device asks again after its timeout
+            raise ProtocolError(f"cannot store model v{fetch.version} for a claim check: {exc.reason}") from exc
+        link.transport.publish(self.topics.tasks(fetch.device_id), encode_message(reference), qos=1)
+        self.counters["served_by_claim"] += 1
+        log.info("model v%d to %s by claim check (%d bytes)", fetch.version, fetch.device_id, reference.size)
+        return reference.claim_id
 
     def _prune_transfers(self, link: TransferLink) -> None:
         """Forget finished transfers (done or failed) so the link does not keep them."""

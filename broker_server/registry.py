@@ -39,9 +39,10 @@ class DeviceRecord:
     #: what the device announced it speaks (STATUS ``capabilities``; {} while offline)
     capabilities: dict[str, Any] = field(default_factory=dict)
     device_class: str = DEFAULT_DEVICE_CLASS
-    #: how many times the device came online (birth STATUS: online without an eligibility report,
-    #: or online after offline); a round re-sends a TASK sent before the last one
-    #: (broker_server.task_resend)
+    #: how many times the device came online (an online STATUS after its offline will, or the first
+    #: one seen); a round re-sends a TASK sent before the last one (broker_server.task_resend). A
+    #: STATUS without eligibility is no sign of a reconnect: agents re-publish one after installing
+    #: a model, and the broker publishes the will of a connection that a reconnect takes over.
     connects: int = 0
 
     @property
@@ -62,7 +63,7 @@ class DeviceRegistry:
         if eligibility.get("phase") not in (None, "train", "continue"):
             eligibility = previous.eligibility if previous is not None else {}
         connects = previous.connects if previous is not None else 0
-        if status.online and (not status.eligibility or previous is None or not previous.online):
+        if status.online and (previous is None or not previous.online):
             connects += 1
         self._devices[status.device_id] = DeviceRecord(
             device_id=status.device_id,

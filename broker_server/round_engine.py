@@ -41,6 +41,8 @@ from functools import partial
 
 import numpy as np
 
+from broker_server.blob_claims import ServerClaims
+from broker_server.blob_service import send_grant
 from broker_server.cluster_rounds import ClusterRounds
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.late_updates import LateUpdates, combine
@@ -48,12 +50,14 @@ from broker_server.participation import RoundSelector
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import RobustAggregationError
 from broker_server.round_plan import RoundPlan
-from broker_server.round_routing import ResultRouting
 from broker_server.rounds import RoundState, bind_tasks
 from broker_server.safeguards import PRIVACY_SETTING, TRUST_SETTING, BudgetExhausted, Safeguards
+from broker_server.secagg_dispatch import SecAggEngine
+from broker_server.secagg_round import SecAggOutcome, SecAggRounds
 from broker_server.selection import Complete, Wait, round_outcome
 from broker_server.server_config import RoundResult, ServerConfig
 from broker_server.strategies import Strategy, plain_tensor_names
+from broker_server.task_resend import TaskResends
 from edge_agent.codecs import CodecSpec
 from edge_agent.protocol.binding import TaskBinding, payload_digest
 from edge_agent.protocol.messages import encode_message
@@ -84,8 +88,10 @@ class LiveRound:
         return self.opened.state
 
 
-class RoundEngine(ResultRouting):
+class RoundEngine(SecAggEngine):
     """Owns the global model (``weights``, ``model_version``) and runs rounds on it."""
+
+    claims: ServerClaims | None = None  # upload grants with TASKs (ServerBlobs.attach; None: off)
 
     def __init__(
         self,
@@ -104,6 +110,7 @@ class RoundEngine(ResultRouting):
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
         clusters: ClusterRounds | None = None,
+        secagg: SecAggRounds | None = None,
     ) -> None:
         self.config, self.bundle, self.strategy = config, bundle, strategy
         self.weights: Tensors = {}
@@ -115,11 +122,12 @@ class RoundEngine(ResultRouting):
         self.late_updates = 0
         self._transport, self._link, self._registry = transport, link, registry
         self._journal, self._selector, self._pump = journal, selector, pump
-        self.safeguards, self.clusters = safeguards, clusters
+        self.safeguards, self.clusters, self.secagg = safeguards, clusters, secagg
         self._evaluator, self._clock, self._wall_clock = evaluator, clock, wall_clock
         self._plain = plain_tensor_names(bundle.manifest)
         #: transfer ids of this round's chunked TASK downloads (forgotten when the round ends)
         self._downloads: list[str] = []
+        self._resends = TaskResends(registry.connects)
         #: stragglers' updates kept for the next round (``late_updates = "async"``), else None
         self.late: LateUpdates | None = None
         if config.late_updates == "async":
@@ -162,6 +170,8 @@ class RoundEngine(ResultRouting):
                 f"only {len(selection.chosen)} devices selectable, {guard.describe()} needs "
                 f"{guard.min_updates} updates per round"
             )
+        elif self.secagg is not None:
+            reason = self.secagg.too_few(len(selection.chosen))
         if reason:
             self._journal.round_skipped(number, self.model_version, reason)
             return self._result(number, None, started, completed=False, reason=reason)
@@ -178,6 +188,8 @@ class RoundEngine(ResultRouting):
         shared = encode_tensors({t.name: self.weights[t.name] for t in self.bundle.manifest.shared_model_tensors})
         state.bindings = bind_tasks(state.tasks, payload_digest(shared))  # stored with the round: replays refused
         self._prepare(state)
+        if self.secagg is not None:
+            self.secagg.open(state)
         opened = OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s)
         self._journal.round_opened(opened)
         self._selector.record(number, selection.chosen, now=now)
@@ -185,7 +197,7 @@ class RoundEngine(ResultRouting):
             self._journal.save_setting(RoundSelector.SETTING, self._selector.to_json())
         live = LiveRound(opened=opened, started=started, deadline=self._clock() + plan.timeout_s)
         self._send_tasks(live, state.tasks)
-        return self._collect_and_close(live)
+        return self._collect_and_close(live) if self.secagg is None else self._secagg_close(live, self.secagg)
 
     def resume(self, opened: OpenRound) -> RoundResult:
         """Collect a round restored from the store until its stored (wall-clock) deadline.
@@ -201,7 +213,7 @@ class RoundEngine(ResultRouting):
             deadline=now + max(opened.deadline - wall, 0.0),
         )
         state, guard = opened.state, self.safeguards
-        reason = guard.unresumable(state)
+        reason = self._secagg_resume(self._journal, state) or guard.unresumable(state)
         if not reason:
             self._prepare(state)
             outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
@@ -253,8 +265,11 @@ class RoundEngine(ResultRouting):
                 deadline_s=deadline_s,
             )
             task = replace(task, nonce=live.state.bindings.get(task_id, TaskBinding()).nonce)
+            task = self.secagg.decorate(task) if self.secagg is not None else task
             envelope = encode_message(task, payload=weights if clusters is None else clusters.payload(device_id))
             topic = self.config.topics.tasks(device_id)
+            self._resends.sent(device_id)
+            send_grant(self.claims, self._registry, self._transport, topic, task)  # claim checks (docs/blobs.md)
             if len(envelope) <= chunk:
                 self._transport.publish(topic, envelope, qos=1)
             else:
@@ -280,6 +295,7 @@ class RoundEngine(ResultRouting):
                 if not isinstance(outcome, Wait):
                     break
                 self._pump(min(0.25, max(live.deadline - self._clock(), 0.0)))
+                self._resend_lost_tasks(live)
         finally:
             self.current, self.closed = None, state
             for transfer in self._downloads:
@@ -297,7 +313,19 @@ class RoundEngine(ResultRouting):
         finally:
             state.buffer = None
 
-    def _complete(self, live: LiveRound) -> RoundResult:
+    def _resend_lost_tasks(self, live: LiveRound) -> None:
+        """TASKs published while their device, or the server, was reconnecting are lost: send
+        them again (a secure-aggregation session treats a reconnect as a dropout instead)."""
+        state = live.state
+        if self.secagg is not None:
+            return
+        outstanding = {t: d for t, d in state.tasks.items() if t not in state.accepted and t not in state.failed}
+        due = self._resends.due(outstanding, link_up=bool(getattr(self._transport, "is_connected", lambda: True)()))
+        if due:
+            log.info("round %d: sending %d TASKs again after a reconnect", state.round, len(due))
+            self._send_tasks(live, due)
+
+    def _complete(self, live: LiveRound, secagg: SecAggOutcome | None = None) -> RoundResult:
         state, number, guard = live.state, live.state.round, self.safeguards
         if self.clusters is not None:  # one model per cluster (broker_server.cluster_rounds)
             made = partial(self._result, number, state, live.started, completed=True)
@@ -306,7 +334,7 @@ class RoundEngine(ResultRouting):
             return result
         began = self._clock()  # aggregation: from the round's updates to the next model
         try:
-            delta, report = guard.aggregate(state)
+            delta, report = (secagg.delta, None) if secagg is not None else guard.aggregate(state)
         except (RobustAggregationError, BudgetExhausted) as exc:
             reason = f"{guard.describe()}: {exc.reason}"
             self._journal.abandoned(number, reason)
@@ -314,6 +342,8 @@ class RoundEngine(ResultRouting):
         if (charged := guard.privacy_state()) is not None:  # the charge is stored before the model
             self._journal.save_setting(PRIVACY_SETTING, charged)
         guard.report(state, report)
+        if self.late is not None:  # the base of this round's stragglers' BatchNorm statistics
+            self.late.remember(self.model_version, self.weights)
         late = self.late.take() if self.late is not None else None
         if late is not None:
             delta = combine(delta, state.mean.total_weight, late)
@@ -322,7 +352,7 @@ class RoundEngine(ResultRouting):
         aggregation_s = self._clock() - began
         test = self._evaluator(weights) if self._evaluator is not None else None
         result = self._result(number, state, live.started, completed=True, test=test, version=self.model_version + 1)
-        result = replace(result, aggregation_s=aggregation_s)
+        result = self._secagg_counts(replace(result, aggregation_s=aggregation_s), secagg)
         self._journal.completed(
             number,
             version=result.model_version,

@@ -18,7 +18,8 @@
 * :mod:`broker_server.journal` — the optional :class:`~broker_server.persistence.ServerStore`:
   every accepted update committed, and a restarted server resuming where it stopped;
 * :mod:`broker_server.models` — model bundles announced and served to devices that FETCH them
-  whenever the server pumps messages (in rounds, while waiting for devices, or in :meth:`serve`).
+  whenever the server pumps messages (in rounds, while waiting for devices, or in :meth:`serve`);
+* :mod:`broker_server.blob_service` — ``config.blobs``: large updates and archives by claim check.
 
 All traffic goes through one :class:`Transport`; clocks and randomness are injected. The
 file-based ``out_dir`` (every version as files, ``metrics.jsonl``) is for people and plots; the
@@ -40,10 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from broker_server.async_engine import AsyncEngine
+from broker_server.blob_service import ServerBlobs
 from broker_server.cluster_models import ClusterBook
 from broker_server.cluster_rounds import ClusterRounds, cluster_dirs
-from broker_server.dispatch import Dispatcher
 from broker_server.events import ServerEvents
 from broker_server.journal import OpenRound, RoundJournal
 from broker_server.models import ModelPublisher
@@ -55,6 +55,9 @@ from broker_server.robust import Reputation, TrustDecision
 from broker_server.rollout import RolloutState
 from broker_server.round_engine import Evaluator, RoundEngine
 from broker_server.safeguards import PRIVACY_SETTING, TRUST_SETTING, RobustRound, Safeguards
+from broker_server.secagg_async import AsyncEngine, async_engine_class, secagg_handler
+from broker_server.secagg_dispatch import SecAggDispatcher
+from broker_server.secagg_round import secagg_rounds
 from broker_server.server_config import Rejection, RoundResult, ServerConfig
 from broker_server.store import ModelStore
 from broker_server.strategies import Strategy, TaskSettings, check_task_settings
@@ -101,8 +104,7 @@ class FederatedServer:
         """
         if strategy is not None and config.strategy:
             raise ConfigError("give the strategy either as FederatedServer(strategy=...) or in config.strategy")
-        self.config = config
-        self.bundle = bundle
+        self.config, self.bundle = config, bundle
         self.registry = DeviceRegistry()
         self.results: list[RoundResult] = []
         self.strategy = strategy if strategy is not None else config.make_strategy()
@@ -119,17 +121,13 @@ class FederatedServer:
         )
         #: The evaluation of version 0, when an evaluator is given (not on a resumed federation).
         self.baseline: EvalResult | None = None
-        self._transport = transport
-        self._evaluator = evaluator
-        self._clock = clock
+        self._transport, self._evaluator, self._clock = transport, evaluator, clock
         self._out = Path(out_dir) if out_dir is not None else None
         self._models = ModelStore(self._out / "models") if self._out is not None else None
         self._journal = RoundJournal(store, wall_clock=wall_clock)
-        link = TransferLink(transport, clock=clock)
-        rng = rng or random.Random(config.seed)
+        link, rng = TransferLink(transport, clock=clock), rng or random.Random(config.seed)
         self._selector = RoundSelector(config.selection_policy(), window_s=config.budget_window_s, rng=rng)
-        dp = config.privacy_config()
-        specs = bundle.manifest.aggregated_tensors
+        dp, specs = config.privacy_config(), bundle.manifest.aggregated_tensors
         privacy = CentralPrivacy(dp, specs, rng=privacy_rng) if dp is not None else None
         self._clusters = ClusterRounds.configured(config, bundle, self.strategy, self._journal, evaluator)
         self._safeguards = Safeguards(config.robust_settings(), config.trust_config(), specs, privacy=privacy)
@@ -148,12 +146,13 @@ class FederatedServer:
             clock=clock,
             wall_clock=wall_clock,
             clusters=self._clusters,
+            secagg=secagg_rounds(config, specs, transport, self.registry, self._journal, self._pump, clock),
         )
         #: the FedBuff engine (``mode="async"``; None in sync mode)
         self.asynchronous: AsyncEngine | None = None
         if config.mode == "async":
             async_policy = dataclasses.replace(config.selection_policy(), k=config.fedbuff_settings().concurrency)
-            self.asynchronous = AsyncEngine(
+            self.asynchronous = async_engine_class(config)(
                 config.fedbuff_settings(),
                 self._engine,
                 transport=transport,
@@ -166,7 +165,7 @@ class FederatedServer:
                 clock=clock,
                 wall_clock=wall_clock,
             )
-        self._dispatcher = Dispatcher(
+        self._dispatcher = SecAggDispatcher(
             transport,
             config.topics,
             link=link,
@@ -175,7 +174,9 @@ class FederatedServer:
             on_result=self.asynchronous.on_result if self.asynchronous is not None else self._engine.on_result,
             clock=clock,
             events=events,
+            on_secagg=secagg_handler(self._engine, self.asynchronous),
         )
+        self.blobs = ServerBlobs.attach(config.blobs_config(), self._engine, self._dispatcher)  # claim checks
         self._next_round = 1
         self._resumable: OpenRound | None = None
 
@@ -282,6 +283,7 @@ class FederatedServer:
             self.asynchronous.begin(self._resumable, next_round=self._next_round)
             self._resumable = None
         topics = self.config.topics
+        self.blobs.start()  # the local blob store's HTTP endpoint, if any
         self._transport.start()
         self._transport.subscribe(topics.all_devices(STATUS), qos=1)
         self._transport.subscribe(topics.all_devices(RESULTS), qos=1)
@@ -296,6 +298,7 @@ class FederatedServer:
     def close(self) -> None:
         """Disconnect (the server store, if any, stays open: its owner closes it)."""
         self._transport.close()
+        self.blobs.close()
 
     def announce_model(self, version: int, bundle_dir: str | Path, *, channel: str = "current") -> ModelMessage:
         """Publish bundle ``bundle_dir`` as ``version`` on ``channel`` (retained); devices FETCH it."""

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker_server.async_config import AsyncSettings, parse_async
+from broker_server.blobs import BlobsConfig, parse_blobs_config
 from broker_server.cluster_config import check_clusters
 from broker_server.privacy.config import CentralDPConfig
 from broker_server.robust import TrustConfig
 from broker_server.robust_config import RobustSettings, parse_trust
 from broker_server.rollout_config import RolloutSettings, parse_rollout
+from broker_server.secagg_config import SecAggSettings, check_secagg
 from broker_server.selection import SelectionPolicy
 from broker_server.strategies import FedAvg, FedAvgConfig, Strategy, parse_strategy
 from broker_server.strategies.clustering import ClusterConfig
@@ -99,6 +101,12 @@ class ServerConfig:
     #: clustered FL as a table (keys: broker_server.strategies.clustering.ClusterConfig): one model
     #: per cluster of devices, split by update similarity (broker_server.cluster_rounds); None: off
     clusters: Mapping[str, Any] | None = None
+    #: secure aggregation as a table (keys: broker_server.secagg_config; docs/secagg.md): the server
+    #: learns only each round's sum; None: off
+    secagg: Mapping[str, Any] | None = None
+    #: blob store and claim checks as a table (keys: broker_server.blobs.BlobsConfig; docs/blobs.md):
+    #: updates and model archives above its threshold travel by reference; None: everything by MQTT
+    blobs: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -143,6 +151,8 @@ class ServerConfig:
         self.rollout_settings()  # ConfigError naming the bad rollout key
         check_clusters(self)  # ConfigError naming the bad clusters key or the combination it cannot run
         self.privacy_config()  # ConfigError naming the bad privacy key or the combination DP cannot keep
+        self.secagg_settings()  # ConfigError naming the bad secagg key or what cannot see only the sum
+        self.blobs_config()  # ConfigError naming the bad blobs key
         robust = self.robust_settings()  # ConfigError naming the bad robust key
         if robust is not None and robust.min_updates > self.clients_per_round:
             raise ConfigError(
@@ -194,6 +204,18 @@ class ServerConfig:
                 f"({self.clients_per_round}): it is both the tasks a round sends and the mean's fixed denominator"
             )
         return config
+
+    def blobs_config(self) -> BlobsConfig | None:
+        """The parsed ``blobs`` table (None: no blob store, no claim checks)."""
+        if self.blobs is None:
+            return None
+        if not isinstance(self.blobs, Mapping):
+            raise ConfigError(f"blobs must be a table, got {self.blobs!r}")
+        return parse_blobs_config(self.blobs)
+
+    def secagg_settings(self) -> SecAggSettings | None:
+        """The parsed ``secagg`` table (None: off); refuses what needs single updates."""
+        return check_secagg(self)
 
     def cluster_settings(self) -> ClusterConfig | None:
         """The parsed ``clusters`` table (None: clustered FL off)."""

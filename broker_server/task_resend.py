@@ -7,8 +7,8 @@ answers a task id it already holds with its stored result (or keeps training it)
 trained or counted twice.
 
 :class:`TaskResends` is pure bookkeeping. The engine tells it the device's connection count when
-it sends a task (:attr:`broker_server.registry.DeviceRecord.connects`, which grows with every
-birth STATUS) and asks, while the round runs, which outstanding tasks are due again: those of
+it sends a task (:attr:`broker_server.registry.DeviceRecord.connects`, which grows when an online STATUS
+follows the device's offline will) and asks, while the round runs, which outstanding tasks are due again: those of
 devices that connected since, and all of them once the server's link came back.
 """
 
@@ -38,5 +38,7 @@ class TaskResends:
         return {
             task_id: device_id
             for task_id, device_id in outstanding.items()
-            if came_back or self._connects_of(device_id) > self._sent.get(device_id, 0)
+            # a device unknown when its task was sent (0: a server that just started) is not
+            # "back" on its first STATUS, only on a later connect
+            if came_back or self._connects_of(device_id) > max(self._sent.get(device_id, 0), 1)
         }

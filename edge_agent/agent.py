@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.agent_config import AgentConfig
+from edge_agent.agent_io import AgentIO
+from edge_agent.blobs import ClaimUploads
 from edge_agent.data import Dataset
 from edge_agent.device.eligibility import Decision
 from edge_agent.device.monitor import Monitor
@@ -30,6 +32,7 @@ from edge_agent.protocol.messages import (
     ChunkAck,
     ChunkMessage,
     ErrorMessage,
+    SecAggMessage,
     TaskMessage,
     UpdateMessage,
     decode_message,
@@ -39,6 +42,7 @@ from edge_agent.runtime.bundle import Bundle
 from edge_agent.runtime.checkpoint import TrainingPaused
 from edge_agent.runtime.personal import PersonalStore
 from edge_agent.runtime.trainer import OrtTrainer
+from edge_agent.secagg_session import SecAggSessions
 from edge_agent.store import DeviceStore, InboxTask
 from edge_agent.task_runner import CheckpointShelf, TaskRunner
 from edge_agent.transfer import TransferLink
@@ -51,11 +55,9 @@ log = logging.getLogger("fedflock.agent")
 PURGE_INTERVAL_S = 300.0
 #: How often an agent without tasks re-checks (and, if changed, reports) whether it could train
 IDLE_CHECK_S = 10.0
-#: How long one chunked upload may wait for the server's acknowledgements before it is retried
-UPLOAD_TIMEOUT_S = 120.0
 
 
-class Agent:
+class Agent(AgentIO):
     """A device: receives tasks into its inbox, trains when the device can afford it, forwards results.
 
     ``monitor`` samples the sensors, ``policy`` says what the device may do when (without one it
@@ -104,6 +106,16 @@ class Agent:
         self._work = working_set(trainer.bundle.manifest)
         self.tasks_done = 0
         self._link = TransferLink(transport, clock=clock)
+        self._claims = ClaimUploads(config.device_id, self._publish_result, wall_clock=wall_clock, clock=clock)
+        #: secure-aggregation sessions, in memory only (edge_agent.secagg_session)
+        self.secagg = SecAggSessions(
+            config.device_id,
+            lambda: self.runner.trainer.bundle.manifest.aggregated_tensors,
+            publish=self._publish_secagg,
+            send_large=self._send_secagg,
+            rng=self._rng,
+            wall_clock=wall_clock,
+        )
         #: envelopes that arrived while an upload waited for its acknowledgements
         self._deferred: deque[bytes] = deque()
         #: last eligibility published per phase group ("train" covers "continue")
@@ -239,11 +251,17 @@ class Agent:
         if self._models is not None and self._models.accepts(message):
             self._models.handle(message)
             return
+        if self._claims.accepts(message):  # an upload grant (with a TASK) or a claim's ack
+            self._claims.handle(message)
+            return
         mine = message.device_id == self.config.device_id
         if isinstance(message, ChunkMessage | ChunkAck) and mine and not reassembled:
             whole = self._link.handle(message, self.config.topics.results(self.config.device_id))
             if whole is not None:
                 self.handle_payload(whole, reassembled=True)
+            return
+        if isinstance(message, SecAggMessage) and mine:
+            self._handle_secagg(message)
             return
         if not isinstance(message, TaskMessage) or not mine:
             log.warning("%s: dropped %s not addressed to this device", self.config.device_id, type(message).__name__)
@@ -260,6 +278,14 @@ class Agent:
         now = self._wall_clock()
         if not self.store.put_task(task.task_id, task.round, envelope, now, now + task.deadline_s):
             log.info("%s: task %s is already in the inbox", task.device_id, task.task_id)
+        if task.secagg is not None:
+            try:
+                self.secagg.start(task)  # keys go out at once, before training
+            except FedflockError as exc:
+                error = ErrorMessage(
+                    device_id=task.device_id, round=task.round, task_id=task.task_id, code=exc.code, reason=exc.reason
+                )
+                self.store.put_result(task.task_id, task.round, encode_message(error), now + self.config.result_ttl_s)
 
     def tick(self) -> None:
         """One scheduling pass: purge what expired, upload what is due, train what is waiting."""
@@ -267,6 +293,7 @@ class Agent:
         if now - self._last_purge >= PURGE_INTERVAL_S:
             self.store.purge(now)
             self._last_purge = now
+        self.secagg.purge(now)
         state = self.gate.state()
         self._refresh_after_reconnect()
         if self._models is not None:
@@ -297,6 +324,10 @@ class Agent:
         if not isinstance(task, TaskMessage):  # the inbox only ever holds TASKs
             self.store.task_done(stored.task_id)
             return
+        if task.secagg is not None and not self.secagg.holds(task.task_id):  # e.g. the agent restarted
+            log.warning("%s: dropped secagg task %s: its session is gone (a dropout)", task.device_id, task.task_id)
+            self.store.task_done(stored.task_id)
+            return
         batch = self.gate.batch_size(task.batch_size, self._work, state)
         decision = self.gate.check("train", state, working_set_bytes=self._work.at(batch or 2))
         self._report(decision)
@@ -319,16 +350,30 @@ class Agent:
             return
         self._checkpoints.discard(task.task_id)
         now = self._wall_clock()
-        self.store.put_result(task.task_id, task.round, encode_message(message), now + self.config.result_ttl_s)
+        if task.secagg is not None and isinstance(message, UpdateMessage):
+            self._secagg_trained(message)  # the update leaves masked, never as an UPDATE
+        else:
+            self.secagg.drop(task.task_id)
+            self.store.put_result(task.task_id, task.round, encode_message(message), now + self.config.result_ttl_s)
         self.store.record_participation(task.task_id, now)
         self.tasks_done += 1
         if isinstance(message, ErrorMessage) and message.code == NonFiniteLoss.code and self._models is not None:
             self._models.rollback(message.reason)
 
+    def _secagg_trained(self, message: UpdateMessage) -> None:
+        self.store.task_done(message.task_id)
+        try:
+            self.secagg.trained(message)
+        except FedflockError as exc:
+            log.warning("%s: secagg task %s: %s (%s)", self.config.device_id, message.task_id, exc.reason, exc.code)
+            self.secagg.drop(message.task_id)
+
     def _stop_check(self, stored: InboxTask) -> Callable[[], bool]:
-        """Asked at every step boundary: stop when a condition is lost or the deadline passed."""
+        """Asked at every step boundary: stop when a condition is lost or the deadline passed; SECAGG
+        messages that arrived meanwhile are answered here (edge_agent.agent_io)."""
 
         def should_stop() -> bool:
+            self._pump_secagg()
             if self._wall_clock() >= stored.expires_at or (self._stop is not None and self._stop.is_set()):
                 return True
             decision = self.gate.check("continue", self.gate.state(), working_set_bytes=0)
@@ -346,53 +391,6 @@ class Agent:
             return
         self._checkpoints.save(stored.task_id, paused.checkpoint)
         log.info("%s: %s", self.config.device_id, paused.reason)
-
-    def _report(self, decision: Decision) -> None:
-        """Publish the eligibility decision in STATUS when it changed (reasons go to the server)."""
-        key, group = (decision.eligible, decision.codes), "train" if decision.phase == "continue" else decision.phase
-        if self._reported.get(group) == key:
-            return
-        self._reported[group] = key
-        if not decision.eligible:
-            log.info("%s: %s: %s", self.config.device_id, decision.phase, decision)
-        try:
-            self._publish_status(online=True, decision=decision)
-        except FedflockError as exc:
-            log.debug("%s: could not publish eligibility: %s", self.config.device_id, exc)
-
-    def _send_envelope(self, envelope: bytes, round_: int, task_id: str) -> str:
-        """Publish a result; one larger than the chunk size goes as acknowledged CHUNKs."""
-        topic = self.config.topics.results(self.config.device_id)
-        chunk_bytes = min(self.config.chunk_bytes, self._chunk_limits.get(task_id) or self.config.chunk_bytes)
-        if len(envelope) <= chunk_bytes:
-            self._transport.publish(topic, envelope, qos=1)
-            return "done"
-        transfer = self._link.send(
-            topic, envelope, device_id=self.config.device_id, round=round_, task_id=task_id, chunk_size=chunk_bytes
-        )
-        self._link.wait(transfer, self._pump_during_upload, timeout_s=UPLOAD_TIMEOUT_S)
-        state = self._link.state(transfer)
-        self._link.forget(transfer)
-        return state
-
-    def _pump_during_upload(self, timeout: float) -> None:
-        """Route acknowledgements (and chunks of a download) while an upload runs; keep the rest."""
-        inbound = self._transport.receive(timeout=timeout)
-        if inbound is None:
-            return
-        try:
-            message = decode_message(inbound.payload)
-        except ProtocolError:
-            self._deferred.append(inbound.payload)  # handle_payload logs it in order
-            return
-        if self._models is not None and self._models.accepts(message):
-            self._models.handle(message)  # model chunks are acknowledged as they arrive
-        elif isinstance(message, ChunkMessage | ChunkAck) and message.device_id == self.config.device_id:
-            whole = self._link.handle(message, self.config.topics.results(self.config.device_id))
-            if whole is not None:
-                self._deferred.append(whole)
-        else:
-            self._deferred.append(inbound.payload)
 
     def execute(self, task: TaskMessage) -> UpdateMessage | ErrorMessage:
         """Train for one task right now, ignoring eligibility and the store (benchmarks, tests)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge_agent import __version__
+from edge_agent.blobs.claim_uploads import CAPABILITY as CLAIM_CAPABILITY
 from edge_agent.codecs import CODEC_NAMES
 from edge_agent.device.eligibility import Decision
 from edge_agent.device.state import DeviceState
@@ -12,8 +13,9 @@ from edge_agent.protocol.messages import FORMAT_VERSION, StatusMessage, encode_m
 from edge_agent.protocol.topics import Topics
 from edge_agent.transport.base import Will
 
-#: What this agent speaks, announced in STATUS (docs/protocol.md §9)
-CAPABILITIES = {"protocol": [FORMAT_VERSION], "codecs": list(CODEC_NAMES)}
+#: What this agent speaks, announced in STATUS (docs/protocol.md §9); ``claim_check``: it takes
+#: upload grants and model references (CLAIM, docs/blobs.md)
+CAPABILITIES = {"protocol": [FORMAT_VERSION], "codecs": list(CODEC_NAMES), CLAIM_CAPABILITY: True}
 
 
 def status_message(

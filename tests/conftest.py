@@ -8,6 +8,7 @@ test failure, never a skip: CI must not go green without having exercised a real
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,22 @@ def embedded_broker() -> Iterator[EmbeddedBroker]:
     """The in-process amqtt broker on a free loopback port (``.host``, ``.port``, ``.url``)."""
     with EmbeddedBroker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3-compatible server (``moto_server`` subprocess, tests/edge_agent/blobs/moto_server.py)."""
+    from tests.edge_agent.blobs.moto_server import MotoS3
+
+    server = MotoS3(tmp_path_factory.mktemp("moto"), auth=False)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # The digits bundle, exported once per session (tests/fixtures.py).

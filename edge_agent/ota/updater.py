@@ -23,6 +23,7 @@ Flow and decisions (docs/protocol.md §8.5):
   rollback installs it with ``allow_downgrade``. Refusals hold for it too.
 * FETCH is re-sent only after ``fetch_timeout_s`` without a stored chunk, the wait doubling (up to
   ``max_backoff_s``) while FETCHes go unanswered.
+* A server with a blob store may answer the FETCH with a CLAIM reference (:mod:`.claimed_download`).
 * Chunks are staged on disk (:class:`DownloadStaging`, keyed by the ``task_id`` ``model-v<N>``), so
   a restarted device resumes: its first ack says ``next = k`` and the server skips ahead.
 * A complete download whose sha256 differs from the announcement is discarded (stage
@@ -47,6 +48,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from edge_agent.errors import (
     ConfigError,
@@ -58,6 +60,7 @@ from edge_agent.errors import (
 )
 from edge_agent.ota import staging as disk
 from edge_agent.ota.authority import ReleaseAuthority, same_release
+from edge_agent.ota.claimed_download import ClaimedDownloads, ClaimReference
 from edge_agent.ota.refusals import REFUSED_FILE, RefusedModels
 from edge_agent.ota.release_gate import ReleaseGate
 from edge_agent.ota.reports import InstallReport
@@ -89,7 +92,7 @@ DOWNLOAD_STAGE = "download"
 _STAGED_MODEL = re.compile(r"^model-v[1-9][0-9]*$")
 
 
-class ModelUpdater:
+class ModelUpdater(ClaimedDownloads):
     """Downloads and installs announced bundles into ``store``; see the module docstring.
 
     ``validate(bundle)`` is the install's smoke test (e.g. one evaluation batch). ``clock`` is
@@ -145,7 +148,7 @@ class ModelUpdater:
         """Whether ``message`` is the updater's: a MODEL, or a model CHUNK or FETCH ERROR for us."""
         if isinstance(message, ModelMessage):
             return True
-        if isinstance(message, ChunkMessage | ErrorMessage) and message.device_id == self.device_id:
+        if isinstance(message, ChunkMessage | ErrorMessage | ClaimReference) and message.device_id == self.device_id:
             return message.round == -1 and model_object_version(message.task_id) is not None
         return False
 
@@ -160,6 +163,8 @@ class ModelUpdater:
         if isinstance(message, ErrorMessage):
             self.on_error(message)
             return None, None
+        if isinstance(message, ClaimReference):  # the archive by claim check (edge_agent.ota.claimed_download)
+            return self.on_claim(message, may_download=may_download)
         raise ValueError(f"{type(message).__name__} is not for the model updater")
 
     def announced(self, model: ModelMessage) -> bool:
@@ -310,10 +315,10 @@ class ModelUpdater:
             return held
         return self.staging.next_index(chunk.task_id)
 
-    def _install(self, model: ModelMessage, object_id: str) -> InstallReport:
+    def _install(self, model: ModelMessage, object_id: str, staged: Path | None = None) -> InstallReport:
         self._staged = None
-        try:
-            path = self.staging.finish(object_id)  # sha256 of the whole archive; discards on mismatch
+        try:  # a claimed download is ``staged`` verified; chunks: sha256 of the whole, discarded on mismatch
+            path = staged or self.staging.finish(object_id)
         except (IntegrityError, StorageError, ContractViolation) as exc:
             return self._failed(model, exc, transient=True)
         report = self.store.install(

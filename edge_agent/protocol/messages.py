@@ -6,7 +6,7 @@ Envelope layout, integers little-endian (docs/protocol.md, "Envelope")::
     0       4     magic b"FFLK"
     4       1     format version (1)
     5       1     message type (1 STATUS, 2 TASK, 3 UPDATE, 4 ERROR, 5 CHUNK, 6 CHUNK_ACK,
-                  7 MODEL, 8 FETCH)
+                  7 MODEL, 8 FETCH, 9 SECAGG, 10 CLAIM)
     6       2     flags, zero in version 1
     8       4     u32 header length H (<= 64 KiB)
     12      H     header: a UTF-8 JSON object
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import MalformedMessage, UnsupportedVersion
+from edge_agent.protocol import claim_messages, secagg_messages
 from edge_agent.protocol.binding import optional_digest, optional_nonce, payload_digest
 from edge_agent.protocol.chunk_messages import (
     ACK_COMPLETE,
@@ -61,6 +62,7 @@ from edge_agent.protocol.model_messages import (
     decode_model,
     model_header,
 )
+from edge_agent.protocol.secagg_messages import SECAGG, SecAggMessage, SecAggTask
 from edge_agent.protocol.task_fields import MIN_CHUNK_BYTES, task_codecs, task_frozen, task_hyperparameters
 from edge_agent.protocol.tensors import decode_tensors, encode_tensors
 
@@ -91,7 +93,8 @@ MAX_HEADER_BYTES = 64 * 1024
 
 STATUS, TASK, UPDATE, ERROR, CHUNK, CHUNK_ACK = 1, 2, 3, 4, 5, 6
 _TYPE_NAMES = {STATUS: "STATUS", TASK: "TASK", UPDATE: "UPDATE", ERROR: "ERROR", CHUNK: "CHUNK", CHUNK_ACK: "CHUNK_ACK"}
-_TYPE_NAMES |= {MODEL: "MODEL", FETCH: "FETCH"}
+_TYPE_NAMES |= {MODEL: "MODEL", FETCH: "FETCH", SECAGG: "SECAGG"}
+_TYPE_NAMES[claim_messages.CLAIM] = "CLAIM"  # claim checks (docs/blobs.md)
 
 _PREAMBLE = struct.Struct("<4sBBHI")
 
@@ -141,6 +144,8 @@ class TaskMessage:
     max_chunk_bytes: int = 0
     #: the task's nonce, echoed in its UPDATE (protocol.binding; "" from a server without binding)
     nonce: str = ""
+    #: this device's part in a secure-aggregation session (protocol.secagg_messages); None: plain
+    secagg: SecAggTask | None = None
     #: sha256 of the tensor-set payload this TASK arrived with: filled by :func:`decode_message`,
     #: not a header field ("" on a TASK built in memory); the UPDATE's ``base_digest``. Derived from
     #: the payload, so it takes no part in equality (a decoded TASK equals the one encoded)
@@ -187,9 +192,8 @@ class ErrorMessage:
     reason: str
 
 
-Message = (
-    StatusMessage | TaskMessage | UpdateMessage | ErrorMessage | ChunkMessage | ChunkAck | ModelMessage | FetchMessage
-)
+_Transfer = ChunkMessage | ChunkAck | ModelMessage | FetchMessage | SecAggMessage | claim_messages.ClaimMessage
+Message = StatusMessage | TaskMessage | UpdateMessage | ErrorMessage | _Transfer
 
 
 def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
@@ -198,10 +202,10 @@ def encode_message(message: Message, *, payload: bytes | None = None) -> bytes:
     ``payload`` is an already encoded tensor set to send instead of the message's own tensors:
     the server encodes the global weights once per round, not once per device.
     """
-    if isinstance(message, UpdateMessage | ChunkMessage):
+    if isinstance(message, UpdateMessage | ChunkMessage | SecAggMessage):
         if payload is not None:
             raise ValueError(f"{type(message).__name__} carries its own payload")
-        payload = message.payload if isinstance(message, UpdateMessage) else message.data
+        payload = message.data if isinstance(message, ChunkMessage) else message.payload
     msg_type, header, tensors = _parts(message)
     raw_header = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(raw_header) > MAX_HEADER_BYTES:
@@ -251,6 +255,8 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
             header["max_chunk_bytes"] = message.max_chunk_bytes
         if message.nonce:
             header["nonce"] = message.nonce
+        if message.secagg is not None:
+            header["secagg"] = message.secagg.as_header()
         return TASK, _base(message.device_id, message.round, message.task_id) | header, message.weights
     if isinstance(message, UpdateMessage):
         header = {
@@ -271,6 +277,10 @@ def _parts(message: Message) -> tuple[int, dict[str, Any], Tensors | None]:
         return CHUNK_ACK, _base(message.device_id, message.round, message.task_id) | chunk_ack_header(message), None
     if isinstance(message, ModelMessage | FetchMessage):
         return (*model_header(message), None)
+    if isinstance(message, SecAggMessage):
+        return (*secagg_messages.secagg_header(message), None)
+    if isinstance(message, claim_messages.CLAIM_TYPES):
+        return (*claim_messages.claim_header(message), None)
     header = {"code": message.code, "reason": message.reason}
     return ERROR, _base(message.device_id, message.round, message.task_id) | header, None
 
@@ -338,6 +348,7 @@ def _decode_task(h: Header, payload: memoryview) -> TaskMessage:
         codecs=task_codecs(h),
         max_chunk_bytes=h.int_field("max_chunk_bytes", minimum=MIN_CHUNK_BYTES) if "max_chunk_bytes" in h.raw else 0,
         nonce=optional_nonce(h),
+        secagg=secagg_messages.task_secagg(h),
         weights_digest=payload_digest(payload),
     )
 
@@ -382,4 +393,6 @@ _DECODERS: dict[int, Callable[[Header, memoryview], Message]] = {
     CHUNK_ACK: decode_chunk_ack,
     MODEL: decode_model,
     FETCH: decode_fetch,
+    SECAGG: secagg_messages.decode_secagg,
+    claim_messages.CLAIM: claim_messages.decode_claim,
 }

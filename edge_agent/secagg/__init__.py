@@ -31,10 +31,12 @@ a *fixed* set of inputs, so it runs once per buffer, not per update: the server 
 buffer its own cohort up front (the devices whose uploads will fill it, indexed ``1..n``), a
 fresh 16-byte session id, and a threshold ``t`` (``default_threshold(n)``); the buffer is
 sealed when the session's ``result()`` arrives, or abandoned on :class:`SecAggAbort` (its
-devices are then re-tasked into a later buffer). Per-update weights such as staleness factors
-cannot be applied by the server to a masked input: either aggregate unweighted, or announce each
-device's weight with its task and have the device scale its update before :func:`quantize`.
-A device may belong to several open buffers at once: every session has its own keys.
+devices are then re-tasked into a later buffer). Per-update weights cannot be applied by the
+server to a masked input: the device scales its update by its example count before
+:func:`quantize` (:mod:`.weighting`); a staleness factor can be applied to the unmasked sum
+because a cohort is tasked at once on one model version, so its staleness is one number
+(``broker_server.secagg_async``). A device may belong to several open buffers at once: every
+session has its own keys.
 """
 
 from edge_agent.secagg.client import SecAggClient

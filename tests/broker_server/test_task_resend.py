@@ -16,7 +16,7 @@ def _status(device_id: str, *, online: bool = True, eligibility: dict[str, Any] 
     return status if eligibility is None else replace(status, eligibility=eligibility)
 
 
-def test_the_registry_counts_births_and_comebacks_not_eligibility_reports() -> None:
+def test_the_registry_counts_comebacks_not_reports() -> None:
     registry = DeviceRegistry()
     registry.observe(_status("a"), 0.0)
     assert registry.connects("a") == 1
@@ -26,7 +26,7 @@ def test_the_registry_counts_births_and_comebacks_not_eligibility_reports() -> N
     registry.observe(_status("a", eligibility={"eligible": True, "phase": "train"}), 3.0)
     assert registry.connects("a") == 2  # online again after offline
     registry.observe(_status("a"), 4.0)
-    assert registry.connects("a") == 3  # a birth STATUS without an offline in between (session takeover)
+    assert registry.connects("a") == 2  # an agent's own STATUS (e.g. after an install) is no reconnect
     assert registry.connects("never-seen") == 0
 
 
@@ -39,7 +39,8 @@ def test_only_tasks_of_devices_that_came_back_are_due() -> None:
     resends.sent("b")
     outstanding = {"t-a": "a", "t-b": "b"}
     assert resends.due(outstanding, link_up=True) == {}
-    registry.observe(_status("b"), 1.0)  # b reconnected: its TASK may be lost
+    registry.observe(_status("b", online=False), 1.0)  # b's will: its link dropped
+    registry.observe(_status("b"), 1.5)  # b reconnected: its TASK may be lost
     assert resends.due(outstanding, link_up=True) == {"t-b": "b"}
     resends.sent("b")
     assert resends.due(outstanding, link_up=True) == {}
@@ -53,3 +54,14 @@ def test_every_outstanding_task_is_due_once_when_the_server_link_comes_back() ->
     assert resends.due({"t-a": "a"}, link_up=False) == {}
     assert resends.due({"t-a": "a"}, link_up=True) == {"t-a": "a"}
     assert resends.due({"t-a": "a"}, link_up=True) == {}
+
+
+def test_the_first_status_of_a_device_unknown_at_send_time_is_no_reconnect() -> None:
+    registry = DeviceRegistry()
+    resends = TaskResends(registry.connects)
+    resends.sent("a")  # a restarted server re-sends before the retained STATUS arrives
+    registry.observe(_status("a"), 0.0)
+    assert resends.due({"t-a": "a"}, link_up=True) == {}
+    registry.observe(_status("a", online=False), 1.0)
+    registry.observe(_status("a"), 2.0)  # a real reconnect later
+    assert resends.due({"t-a": "a"}, link_up=True) == {"t-a": "a"}

@@ -184,7 +184,7 @@ def _with_header(message, **changes) -> bytes:
         (b"", MalformedMessage, "truncated"),
         (b"garbage!garbage!", MalformedMessage, "magic"),
         (b"FFLK\x07\x03\x00\x00" + b"\0" * 4, UnsupportedVersion, "version 7"),
-        (b"FFLK\x01\x09\x00\x00" + b"\0" * 4, MalformedMessage, "unknown message type"),
+        (b"FFLK\x01\x7f\x00\x00" + b"\0" * 4, MalformedMessage, "unknown message type"),
         (b"FFLK\x01\x03\x00\x00" + struct.pack("<I", 1000) + b"{}", MalformedMessage, "header length"),
         (b"FFLK\x01\x03\x00\x00" + struct.pack("<I", 2) + b"[]", MalformedMessage, "JSON object"),
         (b"FFLK\x01\x03\x00\x00" + struct.pack("<I", 2) + b"\xff\xfe", MalformedMessage, "UTF-8"),

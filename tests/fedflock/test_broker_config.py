@@ -189,7 +189,7 @@ def test_the_shipped_example_parses(tmp_path: Path) -> None:
         ('[server]\nbundle = "b"\n[selection]\nk = 3\n', r"unknown key selection\.k"),
         (
             '[server]\nbundle = "b"\n[servers]\n',
-            r"unknown table or key 'servers' \(known tables: asynchronous, clusters, codecs",
+            r"unknown table or key 'servers' \(known tables: asynchronous, blobs, clusters, codecs",
         ),
         ('rounds = 3\n[server]\nbundle = "b"\n', r"rounds: put it in the \[server\] table"),
         ("server = 3\n", r"server: expected a table"),
@@ -264,3 +264,32 @@ def test_the_ota_statement_lifetime(tmp_path: Path) -> None:
     assert load(tmp_path, base + 'statement_lifetime = "none"\n').statement_lifetime_s is None
     with pytest.raises(ConfigError, match=r"ota\.statement_lifetime"):
         load(tmp_path, base + 'statement_lifetime = "1w"\n')
+
+
+def test_the_blobs_table_parses_prints_and_reads_back(tmp_path: Path) -> None:
+    from fedflock.broker_toml import render_settings
+
+    text = (
+        '[server]\nbundle = "b"\n\n[blobs]\nbackend = "local"\nthreshold = 1048576\nroot = "state/blobs"\n'
+        'public_url = "https://fl.example.com:8790"\nlisten_port = 8791\nurl_lifetime_s = 600\n'
+    )
+    settings = load(tmp_path, text)
+    blobs = settings.server.blobs_config()
+    assert blobs is not None and blobs.backend == "local" and blobs.threshold == 1 << 20
+    assert blobs.root == (tmp_path / "conf" / "state" / "blobs").resolve()  # relative to the file, like the other paths
+    assert (blobs.public_url, blobs.listen_port, blobs.url_lifetime_s) == ("https://fl.example.com:8790", 8791, 600)
+    printed = tmp_path / "printed" / "broker.toml"
+    printed.parent.mkdir()
+    printed.write_text(render_settings(settings))
+    again = resolve_settings(build_parser().parse_args(["broker", "--config", str(printed)]))
+    assert again.server.blobs_config() == blobs
+    s3_table = '[blobs]\nbackend = "s3"\nendpoint = "http://minio:9000"\nbucket = "fl-blobs"\n'
+    s3 = load(tmp_path, '[server]\nbundle = "b"\n' + s3_table).server.blobs_config()
+    assert s3 is not None and (s3.backend, s3.bucket, s3.endpoint) == ("s3", "fl-blobs", "http://minio:9000")
+    assert load(tmp_path, '[server]\nbundle = "b"\n').server.blobs_config() is None
+    with pytest.raises(ConfigError, match=r"blobs\.bucket is required"):
+        load(tmp_path, '[server]\nbundle = "b"\n[blobs]\nbackend = "s3"\nendpoint = "http://minio:9000"\n')
+    with pytest.raises(ConfigError, match=r"blobs\.threshold must be an integer"):
+        load(tmp_path, '[server]\nbundle = "b"\n[blobs]\nthreshold = "big"\n')
+    with pytest.raises(ConfigError, match=r"blobs\.tresholds: unknown key"):
+        load(tmp_path, '[server]\nbundle = "b"\n[blobs]\ntresholds = 5\n')
