@@ -50,6 +50,7 @@ from broker_server.participation import RoundSelector
 from broker_server.registry import DeviceRegistry
 from broker_server.robust import RobustAggregationError
 from broker_server.round_plan import RoundPlan
+from broker_server.round_results import round_result
 from broker_server.rounds import RoundState, bind_tasks
 from broker_server.safeguards import PRIVACY_SETTING, TRUST_SETTING, BudgetExhausted, Safeguards
 from broker_server.secagg_dispatch import SecAggEngine
@@ -383,17 +384,13 @@ class RoundEngine(SecAggEngine):
         test: EvalResult | None = None,
         version: int | None = None,
     ) -> RoundResult:
-        return RoundResult(
-            round=number,
+        return round_result(
+            number,
+            state,
             model_version=self.model_version if version is None else version,
-            selected=len(state.tasks) if state else 0,
-            reported=len(state.accepted) if state else 0,
-            failed=len(state.failed) if state else 0,
-            num_examples=state.num_examples if state else 0,
             duration_s=self._clock() - started,
             completed=completed,
             reason=reason,
-            train_metrics=state.mean_metrics() if state and completed else {},
             test_loss=test.loss if test else None,
             test_accuracy=test.accuracy if test else None,
         )

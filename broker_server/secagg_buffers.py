@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from broker_server.secagg_config import SecAggSettings
-from broker_server.secagg_round import receive_ffsa, sender_index
+from broker_server.secagg_round import receive_ffsa, sender_index, task_fields
 from edge_agent.errors import ContractViolation, SecAggAbort, SecAggError
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import SecAggMessage
@@ -128,19 +128,7 @@ class BufferSession:
 
     def task_fields(self, task_id: str) -> SecAggTask:
         """The TASK's ``secagg`` object for the cohort member of ``task_id``."""
-        index, _ = self.members[task_id]
-        p = self.params
-        return SecAggTask(
-            session=p.session,
-            index=index,
-            cohort=p.cohort,
-            threshold=p.threshold,
-            quant_bits=p.ring.quant_bits,
-            ring_bits=p.ring.ring_bits,
-            clip=float(p.ring.clip),
-            length=p.length,
-            weight_unit=self.weight_unit,
-        )
+        return task_fields(self.params, self.members[task_id][0], self.weight_unit)
 
     def receive(self, message: SecAggMessage) -> None:
         """A device's message of this session; ContractViolation for one it cannot take."""

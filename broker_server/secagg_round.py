@@ -163,19 +163,7 @@ class SecAggRounds:
     def decorate(self, task: TaskMessage) -> TaskMessage:
         """``task`` with its device's part in the session (and the fp32 codec only)."""
         session = self._require()
-        index, _ = session.members[task.task_id]
-        p = session.params
-        fields = SecAggTask(
-            session=p.session,
-            index=index,
-            cohort=p.cohort,
-            threshold=p.threshold,
-            quant_bits=p.ring.quant_bits,
-            ring_bits=p.ring.ring_bits,
-            clip=float(p.ring.clip),
-            length=p.length,
-            weight_unit=session.weight_unit,
-        )
+        fields = task_fields(session.params, session.members[task.task_id][0], session.weight_unit)
         # an agent forgets its session at the TASK's deadline, and the unmasking answers come up to
         # unmask_timeout_s after the round's deadline (when someone dropped at masking)
         deadline_s = task.deadline_s + self.settings.unmask_timeout_s
@@ -322,6 +310,21 @@ def receive_ffsa(server: SecAggServer, decoded: FFSAMessage, message: SecAggMess
     except SecAggError as exc:  # a message for another phase: refused, the session goes on
         raise ContractViolation(f"SECAGG {message.kind_name} from {message.device_id}: {exc.reason}") from exc
     raise ContractViolation(f"{type(decoded).__name__} is not a device -> server message")
+
+
+def task_fields(params: SecAggParams, index: int, weight_unit: float) -> SecAggTask:
+    """The TASK's ``secagg`` object for cohort member ``index`` of the session ``params``."""
+    return SecAggTask(
+        session=params.session,
+        index=index,
+        cohort=params.cohort,
+        threshold=params.threshold,
+        quant_bits=params.ring.quant_bits,
+        ring_bits=params.ring.ring_bits,
+        clip=float(params.ring.clip),
+        length=params.length,
+        weight_unit=weight_unit,
+    )
 
 
 def sender_index(message: FFSAMessage) -> int:

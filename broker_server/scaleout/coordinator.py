@@ -41,6 +41,7 @@ from broker_server.persistence.sql import SqlServerStore
 from broker_server.registry import DeviceRegistry
 from broker_server.round_engine import Evaluator
 from broker_server.round_plan import RoundPlan
+from broker_server.round_results import round_result
 from broker_server.rounds import RoundState, bind_tasks
 from broker_server.scaleout.closing import gather_round
 from broker_server.scaleout.config import ScaleoutSettings, check_scaleout
@@ -331,15 +332,11 @@ class ScaleoutCoordinator:
         reason: str = "",
         version: int | None = None,
     ) -> RoundResult:
-        return RoundResult(
-            round=number,
+        return round_result(
+            number,
+            state,
             model_version=self.model_version if version is None else version,
-            selected=len(state.tasks) if state else 0,
-            reported=len(state.accepted) if state else 0,
-            failed=len(state.failed) if state else 0,
-            num_examples=state.num_examples if state else 0,
             duration_s=self._clock() - started,
             completed=completed,
             reason=reason,
-            train_metrics=state.mean_metrics() if state and completed else {},
         )
