@@ -27,7 +27,7 @@ from edge_agent.datasources import open_data
 from edge_agent.device.eligibility import decide
 from edge_agent.device.load import ort_threads
 from edge_agent.device.monitor import MonitorConfig, ResourceMonitor
-from edge_agent.errors import BundleError, ConfigError, StorageError, TransportError
+from edge_agent.errors import BundleError, ConfigError, StorageError, StorageFull, TransportError
 from edge_agent.gate import working_set
 from edge_agent.ota import DownloadStaging, InstalledModel, ModelStore, ModelUpdater, UpdaterConfig
 from edge_agent.ota.validation import evaluation_validator
@@ -172,10 +172,28 @@ def run_agent_from_config(path: Path, stop: threading.Event) -> int:
             len(split.train),
         )
         try:
-            agent.run(stop)
+            serve(agent, stop)
         finally:
             agent.close()
     return 0
+
+
+#: how long an agent whose disk is full waits before it tries again
+STORAGE_FULL_RETRY_S = 60.0
+
+
+def serve(agent: Any, stop: threading.Event, *, retry_s: float = STORAGE_FULL_RETRY_S) -> None:
+    """Run ``agent`` until ``stop``. A full disk does not end the process: the store rolled the
+    failed write back (nothing committed is lost), so the agent logs it, waits ``retry_s`` and
+    serves again; space comes back when logs rotate or an operator frees it, and results stored
+    before are delivered then. (Exiting would only make systemd restart it into the same disk.)"""
+    while not stop.is_set():
+        try:
+            agent.run(stop)
+            return
+        except StorageFull as exc:
+            log.error("%s: pausing, retrying in %.0f s", exc, retry_s)
+            stop.wait(retry_s)
 
 
 def warn_if_unauthenticated(config: AgentFileConfig) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from edge_agent.device import probes
 from edge_agent.device.probes import PowerReading
+from edge_agent.errors import StorageFull
 from edge_agent.ota import ModelStore
 from edge_agent.store import DeviceStore
 from fedflock.cli import main
@@ -181,3 +184,38 @@ def test_a_state_dir_that_cannot_be_created_is_a_clear_error(tmp_path, capsys, r
     assert main(["agent", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"error [storage_error]: cannot create state_dir {tmp_path / 'a-file' / 'state'}: Not a directory" in err
+
+
+def test_a_full_disk_pauses_the_agent_instead_of_ending_it() -> None:
+    from fedflock.agent_cli import serve
+
+    class FillsUpOnce:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def run(self, stop: threading.Event) -> None:
+            self.runs += 1
+            if self.runs == 1:
+                raise StorageFull("device storage full: could not commit in agent.db")
+
+    agent, stop = FillsUpOnce(), threading.Event()
+    started = time.monotonic()
+    serve(agent, stop, retry_s=0.05)
+    assert agent.runs == 2  # served again after the pause, and returned when run() returned
+    assert time.monotonic() - started >= 0.05
+
+
+def test_a_stop_during_the_full_disk_pause_ends_the_agent() -> None:
+    from fedflock.agent_cli import serve
+
+    class AlwaysFull:
+        runs = 0
+
+        def run(self, stop: threading.Event) -> None:
+            self.runs += 1
+            stop.set()  # SIGTERM arrives while the disk is full
+            raise StorageFull("device storage full")
+
+    agent = AlwaysFull()
+    serve(agent, threading.Event(), retry_s=30)
+    assert agent.runs == 1
