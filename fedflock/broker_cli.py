@@ -26,6 +26,7 @@ import contextlib
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fedflock.broker_config import BrokerSettings
@@ -99,7 +100,8 @@ def run_server(settings: BrokerSettings) -> int:
     metrics = ServerMetrics()
     try:
         client_id = settings.client_id or f"fedflock-server-{uuid.uuid4().hex[:8]}"
-        transport: Transport = MeteredTransport(configured_server_transport(settings.mqtt, client_id), metrics)
+        link = configured_server_transport(settings.mqtt, client_id)
+        transport: Transport = MeteredTransport(link, metrics)
         signer = None
         if settings.signing_key is not None:  # every MODEL announcement signed (docs/security.md)
             from broker_server.pki.release_signer import ReleaseSigner
@@ -114,7 +116,9 @@ def run_server(settings: BrokerSettings) -> int:
         if signer is not None:
             server.publisher.sign_with(signer.sign)
         started = threading.Event()
-        with operations_endpoint(settings, server, metrics, started):
+        # ready: started, and connected to the broker now (a lost link turns /readyz to 503 until
+        # the transport has reconnected)
+        with operations_endpoint(settings, server, metrics, lambda: started.is_set() and link.is_connected()):
             server.start()
             started.set()
             metrics.set_model_version(server.model_version)
@@ -159,7 +163,7 @@ def observe_privacy(server: Any, metrics: ServerMetrics) -> None:
 
 
 def operations_endpoint(
-    settings: BrokerSettings, server: Any, metrics: ServerMetrics, started: threading.Event
+    settings: BrokerSettings, server: Any, metrics: ServerMetrics, ready: Callable[[], bool]
 ) -> contextlib.AbstractContextManager[Any]:
     """``[ops] port``: Prometheus /metrics, /api/status, /healthz, /readyz and the dashboard."""
     if settings.ops.port is None:
@@ -183,4 +187,4 @@ def operations_endpoint(
             privacy=server.privacy,
         )
 
-    return OpsServer(settings.ops.host, settings.ops.port, metrics=metrics, status=status, ready=started.is_set)
+    return OpsServer(settings.ops.host, settings.ops.port, metrics=metrics, status=status, ready=ready)

@@ -82,3 +82,41 @@ def test_broker_serves_metrics_status_and_probes(mosquitto, digits_bundle, tmp_p
     finally:
         broker.kill()
         broker.wait(timeout=20)
+
+
+def _wait_for_ready(base: str, want: int, broker: subprocess.Popen[str], timeout_s: float = 60) -> int:
+    deadline, code = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and code != want:
+        assert broker.poll() is None, broker.stdout.read() if broker.stdout else ""
+        try:
+            code, _ = get(f"{base}/readyz")
+        except OSError:
+            code = 0
+        time.sleep(0.2)
+    return code
+
+
+@pytest.mark.timeout(120)
+def test_readyz_follows_the_broker_link(digits_bundle, tmp_path) -> None:
+    from broker_server.mosquitto_process import MosquittoProcess
+
+    mqtt = MosquittoProcess(tmp_path / "mosquitto")
+    mqtt.start()
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "fedflock", "broker", "--bundle", str(digits_bundle.directory)]
+    cmd += ["--mqtt-url", mqtt.url, "--topic-prefix", "readyz/v1", "--rounds", "1", "--min-clients", "1"]
+    cmd += ["--wait-for-clients", "90", "--out", str(tmp_path / "server"), "--ops-port", str(port)]
+    broker = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_for_ready(base, 200, broker) == 200
+        mqtt.kill()  # the broker goes away: not ready while the transport reconnects
+        assert _wait_for_ready(base, 503, broker, timeout_s=30) == 503
+        assert get(f"{base}/healthz")[0] == 200  # alive all the same
+        mqtt.start()  # same port: the transport comes back by itself
+        assert _wait_for_ready(base, 200, broker, timeout_s=60) == 200
+    finally:
+        broker.kill()
+        broker.wait(timeout=20)
+        mqtt.stop()
