@@ -62,6 +62,8 @@ class ServerClaims:
         self._grants: OrderedDict[tuple[str, str], ClaimGrant] = OrderedDict()
         #: grants sent, references resolved and refused, model archives referenced (metrics, tests)
         self.counters: Counter[str] = Counter()
+        #: bundle keys this process stored or read back whole and hashed (reused without reading)
+        self._verified: set[str] = set()
 
     @staticmethod
     def wants(capabilities: Mapping[str, Any]) -> bool:
@@ -122,12 +124,16 @@ class ServerClaims:
         """A reference to bundle ``version``'s archive for ``device_id`` (stored once per content)."""
         digest = hashlib.sha256(archive).hexdigest()
         key = content_key(digest, prefix="bundles")
-        try:
-            stored = self.store.head(key).size == len(archive)
-        except BlobNotFound:
-            stored = False
-        if not stored:
-            self.store.put(archive, key=key)
+        if key not in self._verified:
+            # an object left by an earlier run is read back once and hashed: a corrupted copy of the
+            # same size would otherwise be served again and refused by every device
+            try:
+                stored = hashlib.sha256(self.store.get(key)).hexdigest() == digest
+            except BlobNotFound:
+                stored = False
+            if not stored:
+                self.store.put(archive, key=key)
+            self._verified.add(key)
         self.counters["models"] += 1
         return ClaimReference(
             device_id=device_id,

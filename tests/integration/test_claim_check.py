@@ -4,7 +4,8 @@ only the reference, the server reads the object from the bucket, verifies it and
 Then the wired system: a FederatedServer with a ``[blobs]`` table and real agents (onnxruntime,
 digits), every update by claim check, on the local backend (LocalBlobServer) and on S3 (moto):
 the rounds complete with the model inline uploads give, and no object is left behind; a model
-bundle fetched by claim check and installed, and a tampered one refused with nothing installed."""
+bundle fetched by claim check and installed (a corrupted copy left in the store by an earlier run
+is replaced), and one corrupted in the store after it was written refused with nothing installed."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from broker_server.mosquitto_process import MosquittoProcess
 from broker_server.server import FederatedServer, RoundResult, ServerConfig
 from edge_agent.agent import Agent
 from edge_agent.agent_config import AgentConfig
-from edge_agent.blobs import ClaimRefused, ClaimUploads, LocalBlobStore, content_key
+from edge_agent.blobs import BlobInfo, ClaimRefused, ClaimUploads, LocalBlobStore, content_key
 from edge_agent.data import Dataset
 from edge_agent.ota import DownloadStaging, ModelStore, ModelUpdater, UpdaterConfig
 from edge_agent.ota.archive import pack_bundle
@@ -256,9 +257,9 @@ def test_a_federation_by_claim_check_gives_the_inline_model(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("tamper", [False, True])
+@pytest.mark.parametrize("fault", ["none", "stale_copy", "corrupted_in_store"])
 def test_a_model_bundle_fetched_by_claim_check_is_verified_and_installed(
-    mosquitto: MosquittoProcess, digits_bundle: Bundle, tmp_path: Path, tamper: bool
+    mosquitto: MosquittoProcess, digits_bundle: Bundle, tmp_path: Path, fault: str
 ) -> None:
     run = uuid.uuid4().hex[:8]
     topics = Topics(f"claimota-{run}/v1")
@@ -267,11 +268,22 @@ def test_a_model_bundle_fetched_by_claim_check_is_verified_and_installed(
     server = FederatedServer(_mqtt(mosquitto.url, f"server-{run}"), digits_bundle, config)
     v2 = derive_bundle(digits_bundle.directory, tmp_path / "v2", scale=0.5)
     archive = pack_bundle(v2)
-    if tamper:  # the store holds a corrupted copy at the archive's content address (same size)
-        corrupt = bytearray(archive)
-        corrupt[len(corrupt) // 2] ^= 0xFF
-        key = content_key(hashlib.sha256(archive).hexdigest(), prefix="bundles")
+    key = content_key(hashlib.sha256(archive).hexdigest(), prefix="bundles")
+    corrupt = bytearray(archive)
+    corrupt[len(corrupt) // 2] ^= 0xFF
+    if fault == "stale_copy":  # an earlier run left a corrupted copy (same size): the server replaces it
         LocalBlobStore(tmp_path / "blobs").put(bytes(corrupt), key=key)
+    if fault == "corrupted_in_store":  # the object rots in the store after the server wrote it
+        claims_store = server.blobs.claims.store if server.blobs.claims is not None else None
+        assert claims_store is not None
+        put = claims_store.put
+
+        def put_then_rot(data: bytes, *, key: str | None = None) -> BlobInfo:
+            stored = put(data, key=key)
+            LocalBlobStore(tmp_path / "blobs").put(bytes(corrupt), key=key)
+            return stored
+
+        claims_store.put = put_then_rot  # type: ignore[method-assign,assignment]
     device_id = f"ota-{run}"
     root = tmp_path / device_id
     rows = digits_split(2, seed=4)[0][0]
@@ -312,7 +324,7 @@ def test_a_model_bundle_fetched_by_claim_check_is_verified_and_installed(
         deadline = time.monotonic() + 40
         while (report := models.last_report) is None and time.monotonic() < deadline:
             server.serve(0.1)
-        if tamper:  # let the retry come and fail too
+        if fault == "corrupted_in_store":  # let the retry come and fail too
             while updater.pending is not None and time.monotonic() < deadline:
                 server.serve(0.1)
     finally:
@@ -325,7 +337,7 @@ def test_a_model_bundle_fetched_by_claim_check_is_verified_and_installed(
     assert server.publisher.counters["served"] == 0
     current = store.current()
     assert report is not None and current is not None
-    if tamper:
+    if fault == "corrupted_in_store":  # the device's digest check refuses it
         assert not report.ok and report.stage == "download" and report.code == "blob_integrity", report
         assert current.version == 1 and current.digest == digits_bundle.digest  # nothing installed
         assert updater.pending is None and claims.counters["models"] == 2  # retried once, then given up
@@ -333,4 +345,6 @@ def test_a_model_bundle_fetched_by_claim_check_is_verified_and_installed(
     else:
         assert report.ok and current.version == 2, report
         assert agent.runner.trainer.bundle.digest == current.digest != digits_bundle.digest
+        stored = LocalBlobStore(tmp_path / "blobs").get(key)
+        assert stored == archive  # a stale corrupted copy was replaced, not served
         assert not any((root / "downloads").glob("*.claim*"))
