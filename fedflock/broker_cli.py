@@ -69,9 +69,10 @@ def run_broker(args: argparse.Namespace) -> int:
 
         return run_scaleout(args, settings)
     if args.print_config:
+        from fedflock.broker_scaleout import scaleout_to_print
         from fedflock.broker_toml import render_settings
 
-        print(render_settings(settings), end="")
+        print(render_settings(settings, scaleout_to_print(args)), end="")
         return 0
     return run_server(settings)
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from broker_server.scaleout import ScaleoutSettings
     from edge_agent.runtime.bundle import Bundle
 
-__all__ = ["run_scaleout", "scaleout_table"]
+__all__ = ["run_scaleout", "scaleout_table", "scaleout_to_print"]
 
 log = logging.getLogger("fedflock.scaleout")
 
@@ -35,6 +35,18 @@ def scaleout_table(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``[scaleout]`` table of the file, with ``--scaleout-option`` items on top."""
     file_doc = read_document(args.config) if args.config is not None else {}
     return merge(file_doc, flag_layer(args)).get("scaleout")
+
+
+def scaleout_to_print(args: argparse.Namespace) -> ScaleoutSettings | None:
+    """The resolved ``[scaleout]`` settings for ``--print-config``: None unless scale-out is
+    configured (a ``[scaleout]`` table, ``--scaleout-option`` or ``--role``); ``ConfigError``
+    naming a bad key."""
+    from broker_server.scaleout import parse_scaleout
+
+    table = scaleout_table(args)
+    if table is None and getattr(args, "role", None) is None:
+        return None
+    return parse_scaleout(table)
 
 
 def run_scaleout(args: argparse.Namespace, settings: BrokerSettings) -> int:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from fedflock.broker_config import BrokerSettings, Document
+
+if TYPE_CHECKING:
+    from broker_server.scaleout import ScaleoutSettings
 
 __all__ = ["render_settings", "render_toml", "settings_document"]
 
@@ -36,15 +40,20 @@ _TABLE_ORDER = (
     "secagg",
     "blobs",
     "ota",
+    "scaleout",
 )
 
 
-def render_settings(settings: BrokerSettings) -> str:
-    return render_toml(settings_document(settings))
+def render_settings(settings: BrokerSettings, scaleout: ScaleoutSettings | None = None) -> str:
+    return render_toml(settings_document(settings, scaleout))
 
 
-def settings_document(settings: BrokerSettings) -> Document:
-    """The ``broker.toml`` tables that describe ``settings`` exactly (``--config`` of it gives them back)."""
+def settings_document(settings: BrokerSettings, scaleout: ScaleoutSettings | None = None) -> Document:
+    """The ``broker.toml`` tables that describe ``settings`` exactly (``--config`` of it gives them back).
+
+    ``scaleout``: the resolved ``[scaleout]`` table, when scale-out is configured (an empty
+    ``worker_id`` — "``<hostname>-<pid>``" of each worker — is left out).
+    """
     config, mqtt = settings.server, settings.mqtt
     doc: Document = {
         "server": {
@@ -102,6 +111,8 @@ def settings_document(settings: BrokerSettings) -> Document:
         "blobs": config.blobs,
     }
     doc.update({name: dict(table) for name, table in optional.items() if table is not None})
+    if scaleout is not None:
+        doc["scaleout"] = {key: value for key, value in asdict(scaleout).items() if value != "" or key != "worker_id"}
     if settings.signing_key is not None:
         lifetime = settings.statement_lifetime_s
         doc["ota"] = {

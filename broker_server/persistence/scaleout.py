@@ -184,6 +184,14 @@ class ScaleoutLedger:
             row = tx.execute("SELECT status FROM scaleout_rounds WHERE round = ?", (round_,)).fetchone()
         return None if row is None else str(row[0])
 
+    def unfinished_rounds(self) -> list[int]:
+        """Rounds still collecting or closing, in order."""
+        with self._store.transaction("list the unfinished scale-out rounds", write=False) as tx:
+            rows = tx.execute(
+                "SELECT round FROM scaleout_rounds WHERE status IN ('collecting', 'closing') ORDER BY round"
+            ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def close(self, round_: int) -> None:
         """No claim for ``round_`` is accepted after this returns (claims in flight finish first)."""
         self._set_status(round_, "closing", {"collecting"})

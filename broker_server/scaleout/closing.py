@@ -51,14 +51,17 @@ def gather_round(
     wait: Callable[[float], None],
     watch: Callable[[], dict[int, list[str]]],
     poll_s: float,
+    closing: bool = False,
 ) -> Gathered:
     """Close ``state.round`` to the workers and combine their partials (module docstring).
 
     ``wait(seconds)`` passes time usefully (the coordinator pumps its messages); ``watch()``
-    fences workers whose lease ran out and returns what it released, by round.
+    fences workers whose lease ran out and returns what it released, by round. ``closing``: the
+    round is already closing (a restarted coordinator finishing a close it began).
     """
     number = state.round
-    ledger.close(number)
+    if not closing:
+        ledger.close(number)
     deadline = clock() + close_timeout_s
     lost = 0
     fenced: list[str] = []

@@ -12,11 +12,14 @@ It follows a round through the store: the accepted and failed claims decide the 
 Liveness: every poll it reads the workers' beat counters; a session whose counter has not moved
 for ``lease_s`` on the coordinator's own clock (no clock skew between hosts involved) is fenced,
 and the TASKs of the updates it had claimed but not flushed are sent again — the agents answer
-a known task id with their stored result, and another worker counts it.
+a known task id with their stored result, and another worker counts it. Like the single server
+(:class:`~broker_server.task_resend.TaskResends`), it also sends a TASK again when its device
+reconnected since, or when its own link came back, as long as no worker claimed the task.
 
 TASKs always travel whole (a chunked download's acks would go to the workers) and ask devices to
 send results of up to ``max_result_bytes`` whole. A coordinator restarted on a store with an open
-round abandons that round and starts the next one (the single server's resume is not wired).
+round resumes it (:mod:`broker_server.scaleout.resume` says from which step): the round, its
+claims and the flushed partials are in the store, and the workers kept claiming meanwhile.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ from broker_server.round_results import round_result
 from broker_server.rounds import RoundState, bind_tasks
 from broker_server.scaleout.closing import gather_round
 from broker_server.scaleout.config import ScaleoutSettings, check_scaleout
+from broker_server.scaleout.resume import outcome_at_close, resume_step
+from broker_server.scaleout.tasks import LiveRound, TaskSender
 from broker_server.selection import Abandon, Complete, Wait, round_outcome
 from broker_server.server_config import RoundResult, ServerConfig
 from broker_server.store import ModelStore
 from broker_server.strategies import Strategy, TaskSettings, check_task_settings, plain_tensor_names
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol.binding import payload_digest
-from edge_agent.protocol.messages import ErrorMessage, UpdateMessage, encode_message
+from edge_agent.protocol.messages import ErrorMessage, UpdateMessage
 from edge_agent.protocol.tensors import encode_tensors
 from edge_agent.runtime.bundle import Bundle
 from edge_agent.transfer import TransferLink
@@ -90,9 +95,8 @@ class ScaleoutCoordinator:
         self.results: list[RoundResult] = []
         self.weights: Tensors = {}
         self.model_version = 0
-        #: worker sessions fenced, and TASKs re-sent for their unflushed updates
+        #: worker sessions fenced (their unflushed updates' TASKs are sent again)
         self.fenced: list[str] = []
-        self.resent = 0
         self._transport, self._evaluator, self._clock = transport, evaluator, clock
         self._wall_clock = wall_clock
         self._journal = RoundJournal(store, wall_clock=wall_clock)
@@ -112,9 +116,14 @@ class ScaleoutCoordinator:
         self._models = ModelStore(Path(out_dir) / "models") if out_dir is not None else None
         self._plain = plain_tensor_names(bundle.manifest)
         self._beats: dict[str, tuple[int, float]] = {}
+        self._tasks = TaskSender(
+            transport, config.topics, bundle_digest=bundle.digest, connects_of=self.registry.connects, clock=clock
+        )
         self._next_round = 1
-        #: the round being collected: its state, plan, TASK payload and deadline (for re-sends)
-        self._live: tuple[RoundState, RoundPlan, bytes, float] | None = None
+        #: the round a restart left open, resumed first by :meth:`run`
+        self._resumable: OpenRound | None = None
+        #: the round being collected (for re-sends)
+        self._live: LiveRound | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -127,8 +136,8 @@ class ScaleoutCoordinator:
         if resumption is not None:
             self.weights, self.model_version = resumption.weights, resumption.model_version
             self._next_round = resumption.next_round
-            if resumption.open_round is not None:
-                self._abandon_open(resumption.open_round)
+            self._resumable = resumption.open_round
+            self._close_stale(resumption.open_round)
         elif self._models is not None:
             self._models.save(0, self.weights, {"parent": None, "bundle_digest": self.bundle.digest})
         self._transport.start()
@@ -137,8 +146,19 @@ class ScaleoutCoordinator:
     def close(self) -> None:
         self._transport.close()
 
+    @property
+    def resent(self) -> int:
+        """TASKs published again: after a worker was fenced, a reconnect, or a restart."""
+        return self._tasks.resent
+
     def run(self, on_round: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
-        """Run rounds up to ``config.rounds`` (counting the store's earlier ones)."""
+        """Finish the round a restart left open (if any), then run rounds up to ``config.rounds``
+        (counting the store's earlier ones)."""
+        if self._resumable is not None:
+            opened, self._resumable = self._resumable, None
+            result = self.resume_round(opened)
+            if on_round is not None:
+                on_round(result)
         while self._next_round <= self.config.rounds:
             result = self.run_round(self._next_round)
             if on_round is not None:
@@ -171,18 +191,52 @@ class ScaleoutCoordinator:
             specs=self.bundle.manifest.aggregated_tensors,
             codecs=plan.codec_names,
         )
-        shared = self.bundle.manifest.shared_model_tensors
-        payload = encode_tensors({t.name: self.weights[t.name] for t in shared})
+        payload = self._payload()
         state.bindings = bind_tasks(state.tasks, payload_digest(payload))
         self._journal.round_opened(OpenRound(state=state, plan=plan, created_at=now, deadline=now + plan.timeout_s))
         self._ledger.open_round(number)
         self._selector.record(number, selection.chosen, now=now)
-        deadline = self._clock() + plan.timeout_s
-        self._live = (state, plan, payload, deadline)
+        live = LiveRound(state=state, plan=plan, payload=payload, deadline=self._clock() + plan.timeout_s)
+        return self._collect_and_close(live, started, state.tasks)
+
+    def resume_round(self, opened: OpenRound) -> RoundResult:
+        """Continue a round a restart left open, from the step the store says (module docstring)."""
+        state, plan, number = opened.state, opened.plan, opened.state.round
+        now, wall = self._clock(), self._wall_clock()
+        started, deadline = now - max(wall - opened.created_at, 0.0), now + max(opened.deadline - wall, 0.0)
+        step = resume_step(number, self._ledger.round_status(number), settled=bool(state.accepted or state.failed))
+        log.info("resuming round %d: %s, %.0fs left", number, getattr(step, "reason", step), deadline - now)
+        if isinstance(step, Abandon):
+            self._journal.abandoned(number, step.reason)
+            return self._finish(self._result(number, state, started, completed=False, reason=step.reason))
+        if step == "finish":
+            return self._decide(
+                state, outcome_at_close(state, wanted=plan.wanted, min_reports=self.config.min_reports), started, lost=0
+            )
+        if step == "gather":
+            return self._close(state, None, started, plan=plan)
+        if step == "open":
+            self._ledger.open_round(number)
+            outstanding = dict(state.tasks)
+        else:
+            claimed = self._ledger.claims(number)
+            outstanding = {t: d for t, d in state.tasks.items() if t not in claimed}
+        live = LiveRound(state=state, plan=plan, payload=self._payload(), deadline=deadline)
+        return self._collect_and_close(live, started, outstanding, again=True)
+
+    def _payload(self) -> bytes:
+        """The TASK payload: the current model's shared tensors (the round's base)."""
+        shared = self.bundle.manifest.shared_model_tensors
+        return encode_tensors({t.name: self.weights[t.name] for t in shared})
+
+    def _collect_and_close(
+        self, live: LiveRound, started: float, send: Mapping[str, str], *, again: bool = False
+    ) -> RoundResult:
+        self._live = live
         try:
-            self._send(state.tasks)
-            outcome = self._collect(state, plan, deadline)
-            return self._close(state, outcome, started)
+            self._tasks.send(live, send, again=again)
+            outcome = self._collect(live.state, live.plan, live.deadline)
+            return self._close(live.state, outcome, started, plan=live.plan)
         finally:
             self._live = None
 
@@ -206,8 +260,16 @@ class ScaleoutCoordinator:
                 return outcome
             self._watch()
             self._dispatcher.pump(min(self.settings.poll_s, max(deadline - self._clock(), 0.0)))
+            due = self._tasks.due_again(state, lambda: self._ledger.claims(state.round))
+            if due and self._live is not None:
+                log.info("round %d: sending %d TASKs again after a reconnect", state.round, len(due))
+                self._tasks.send(self._live, due, again=True)
 
-    def _close(self, state: RoundState, outcome: Complete | Abandon, started: float) -> RoundResult:
+    def _close(
+        self, state: RoundState, outcome: Complete | Abandon | None, started: float, *, plan: RoundPlan
+    ) -> RoundResult:
+        """Gather the round's partials and finish it; ``outcome=None``: a round a restart found
+        closing (its outcome follows from the claims)."""
         gathered = gather_round(
             self._ledger,
             state,
@@ -216,12 +278,19 @@ class ScaleoutCoordinator:
             wait=self._dispatcher.pump,
             watch=self._watch,
             poll_s=self.settings.poll_s,
+            closing=outcome is None,
         )
-        closed, number = gathered.state, state.round
         self.fenced.extend(gathered.fenced)
+        if outcome is None:
+            outcome = outcome_at_close(gathered.state, wanted=plan.wanted, min_reports=self.config.min_reports)
+        return self._decide(gathered.state, outcome, started, lost=gathered.lost)
+
+    def _decide(self, closed: RoundState, outcome: Complete | Abandon, started: float, *, lost: int) -> RoundResult:
+        """Complete the gathered round through the strategy, or abandon it."""
+        number = closed.round
         reason = outcome.reason if isinstance(outcome, Abandon) else ""
         if isinstance(outcome, Complete) and len(closed.accepted) < self.config.min_reports:
-            reason = f"{gathered.lost} updates lost with workers that died at the close; {len(closed.accepted)} left"
+            reason = f"{lost} updates lost with workers that died at the close; {len(closed.accepted)} left"
         if reason:
             self._journal.abandoned(number, reason)
             self._ledger.closed(number)
@@ -270,40 +339,19 @@ class ScaleoutCoordinator:
                 log.warning("worker %s missed its lease; fenced, releasing %s", worker.session, freed or "nothing")
                 for number, tasks in freed.items():
                     released.setdefault(number, []).extend(tasks)
-        live = self._live
-        if live is not None and released.get(live[0].round):
-            state = live[0]
-            self._send({task_id: state.tasks[task_id] for task_id in released[state.round]}, again=True)
+        if (live := self._live) is not None and (freed_now := released.get(live.state.round)):
+            self._tasks.send(live, {task_id: live.state.tasks[task_id] for task_id in freed_now}, again=True)
         return released
 
-    def _send(self, tasks: Mapping[str, str], *, again: bool = False) -> None:
-        if self._live is None:
-            return
-        state, plan, payload, deadline = self._live
-        deadline_s = deadline - self._clock()
-        if deadline_s <= 0:
-            return
-        for task_id, device_id in tasks.items():
-            task = plan.task(
-                device_id=device_id,
-                round=state.round,
-                task_id=task_id,
-                model_version=state.model_version,
-                bundle_digest=self.bundle.digest,
-                deadline_s=deadline_s,
-            )
-            task = dataclasses.replace(task, nonce=state.bindings[task_id].nonce)
-            self._transport.publish(self.config.topics.tasks(device_id), encode_message(task, payload=payload), qos=1)
-        if again:
-            self.resent += len(tasks)
-
-    def _abandon_open(self, opened: OpenRound) -> None:
-        number = opened.state.round
-        reason = "the scale-out coordinator restarted; its open round is not resumed"
-        if self._ledger.round_status(number) in ("collecting", "closing"):
-            self._ledger.closed(number)
-        self._journal.abandoned(number, reason)
-        log.warning("round %d abandoned: %s", number, reason)
+    def _close_stale(self, resumed: OpenRound | None) -> None:
+        """Mark closed to the workers every unfinished ledger round that is not resumed (the
+        journal closed them: completed, or abandoned at the restart because it trained an older
+        version), so no worker keeps claiming for them."""
+        keep = None if resumed is None else resumed.state.round
+        for number in self._ledger.unfinished_rounds():
+            if number != keep:
+                log.warning("round %d: closed to the workers (it is not open in the store)", number)
+                self._ledger.closed(number)
 
     @staticmethod
     def _not_here(message: UpdateMessage | ErrorMessage) -> bool:
