@@ -114,7 +114,11 @@ class PostgresServerStore(SqlServerStore):
         try:
             if self._schema is not None:
                 ident = _pg_sql.Identifier(self._schema)
-                conn.execute(_pg_sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+                # under the migration lock: CREATE SCHEMA IF NOT EXISTS from two connections at once
+                # (a coordinator and its workers starting together) can fail on pg_namespace
+                with conn.transaction():
+                    conn.execute(POSTGRES.migration_lock)
+                    conn.execute(_pg_sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
                 conn.execute(_pg_sql.SQL("SET search_path TO {}").format(ident))
         except BaseException:
             conn.close()

@@ -50,6 +50,7 @@ from edge_agent.protocol.tensors import encode_tensors
 __all__ = [
     "ClaimResult",
     "ClaimRow",
+    "ClaimTally",
     "PartialRow",
     "ScaleoutLedger",
     "WorkerFenced",
@@ -76,6 +77,16 @@ class ClaimRow:
     weight: float
     reason: str
     flushed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClaimTally:
+    """How many claims of one round one worker session holds, by outcome and flushed or not."""
+
+    session: str
+    outcome: Outcome
+    flushed: bool
+    count: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -265,6 +276,17 @@ class ScaleoutLedger:
                 (round_,),
             ).fetchone()
         return int(row[0]), int(row[1]), int(row[2])
+
+    def tally(self, round_: int) -> list[ClaimTally]:
+        """The claims of ``round_`` counted by session, outcome and flushed (the coordinator's
+        counting rule, :func:`broker_server.scaleout.liveness.count_claims`, needs the session)."""
+        with self._store.transaction(f"tally the claims of round {round_}", write=False) as tx:
+            rows = tx.execute(
+                "SELECT session, outcome, flushed, count(*) FROM scaleout_claims WHERE round = ?"
+                " GROUP BY session, outcome, flushed ORDER BY session, outcome, flushed",
+                (round_,),
+            ).fetchall()
+        return [ClaimTally(session=str(r[0]), outcome=r[1], flushed=bool(r[2]), count=int(r[3])) for r in rows]
 
     # -- partials ------------------------------------------------------------------------------
 

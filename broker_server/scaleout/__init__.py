@@ -12,6 +12,7 @@ guarantees and what scale-out mode refuses.
 * :mod:`.partials` — pure: a worker's partial and :func:`combine_partials`;
 * :mod:`.worker` — :class:`ScaleoutWorker`;
 * :mod:`.coordinator` and :mod:`.closing` — :class:`ScaleoutCoordinator`;
+* :mod:`.liveness` — pure: which workers still beat, which claims count towards an outcome;
 * :mod:`broker_server.persistence.scaleout` — the tables and their transactions.
 """
 

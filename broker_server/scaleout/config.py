@@ -6,7 +6,9 @@ Keys (all optional)::
     worker_id          this worker's name in the store and in logs (default "<hostname>-<pid>")
     flush_interval_s   a worker flushes its partials at least this often (default 2.0)
     heartbeat_s        a worker beats (and looks for closing rounds) this often (default 0.2)
-    lease_s            the coordinator fences a worker whose beats stop this long (default 10.0)
+    lease_s            the coordinator fences a worker whose beats stop this long (default 10.0);
+                       after 3 missed beats already, its unflushed claims stop counting
+                       towards a round's outcome (:mod:`broker_server.scaleout.liveness`)
     close_timeout_s    at a round's close, how long the coordinator waits for live workers'
                        last flush before fencing them too (default 30.0)
     poll_s             the coordinator counts a round's claims this often (default 0.1)
@@ -73,6 +75,13 @@ class ScaleoutSettings:
             raise ConfigError(f"scaleout.max_result_bytes: must be >= {MIN_CHUNK_BYTES}, got {self.max_result_bytes}")
         if self.fold_threads < 1:
             raise ConfigError(f"scaleout.fold_threads: must be >= 1, got {self.fold_threads}")
+
+    @property
+    def beat_window_s(self) -> float:
+        """A worker whose beats the coordinator saw move within this window is *beating*: its
+        unflushed claims count towards a round's outcome (3 heartbeats, plus one coordinator poll
+        as the coordinator only samples the counters that often; at most ``lease_s``)."""
+        return min(3 * self.heartbeat_s + self.poll_s, self.lease_s)
 
     @property
     def name(self) -> str:

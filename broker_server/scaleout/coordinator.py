@@ -6,13 +6,17 @@ sync round — device registry (it subscribes to STATUS only), selection
 the deadline, ``strategy.apply``, the new version through the journal — from the same pieces,
 but never sees an UPDATE: the workers (:mod:`broker_server.scaleout.worker`) claim and fold them.
 It follows a round through the store: the accepted and failed claims decide the outcome
-(:func:`~broker_server.selection.round_outcome`, exactly as a single server's counts would), and
+(:func:`~broker_server.selection.round_outcome`, exactly as a single server's counts would) —
+only the claims that will be in a partial (:func:`~broker_server.scaleout.liveness.count_claims`:
+flushed ones, and unflushed ones of workers still beating) — and
 :func:`~broker_server.scaleout.closing.gather_round` combines the workers' partials at the close.
 
-Liveness: every poll it reads the workers' beat counters; a session whose counter has not moved
+Liveness: every poll it reads the workers' beat counters
+(:class:`~broker_server.scaleout.liveness.BeatWatch`); a session whose counter has not moved
 for ``lease_s`` on the coordinator's own clock (no clock skew between hosts involved) is fenced,
 and the TASKs of the updates it had claimed but not flushed are sent again — the agents answer
-a known task id with their stored result, and another worker counts it. Like the single server
+a known task id with their stored result, and another worker counts it. Until then (from 3
+missed beats on) those claims do not count, so they never make a round look complete. Like the single server
 (:class:`~broker_server.task_resend.TaskResends`), it also sends a TASK again when its device
 reconnected since, or when its own link came back, as long as no worker claimed the task.
 
@@ -48,6 +52,7 @@ from broker_server.round_results import round_result
 from broker_server.rounds import RoundState, bind_tasks
 from broker_server.scaleout.closing import gather_round
 from broker_server.scaleout.config import ScaleoutSettings, check_scaleout
+from broker_server.scaleout.liveness import BeatWatch, count_claims
 from broker_server.scaleout.resume import outcome_at_close, resume_step
 from broker_server.scaleout.tasks import LiveRound, TaskSender
 from broker_server.selection import Abandon, Complete, Wait, round_outcome
@@ -115,7 +120,8 @@ class ScaleoutCoordinator:
         )
         self._models = ModelStore(Path(out_dir) / "models") if out_dir is not None else None
         self._plain = plain_tensor_names(bundle.manifest)
-        self._beats: dict[str, tuple[int, float]] = {}
+        #: the workers' beat counters as the coordinator sees them (who is beating, whose lease ran out)
+        self.beats = BeatWatch(beat_window_s=settings.beat_window_s, lease_s=settings.lease_s)
         self._tasks = TaskSender(
             transport, config.topics, bundle_digest=bundle.digest, connects_of=self.registry.connects, clock=clock
         )
@@ -247,18 +253,24 @@ class ScaleoutCoordinator:
         return dataclasses.replace(plan, max_chunk_bytes=self.settings.max_result_bytes)
 
     def _collect(self, state: RoundState, plan: RoundPlan, deadline: float) -> Complete | Abandon:
+        """Wait for the round's outcome. While it collects, the unflushed claims of a worker that
+        stopped beating are outstanding (they come back through the fence and re-sent TASKs);
+        once the deadline passed nothing can be re-sent, so they count and the close settles them
+        (flushed by a worker that was only slow, or lost and re-checked by :meth:`_decide`)."""
         while True:
-            accepted, failed, _ = self._ledger.counts(state.round)
+            self._watch()  # the beats first: the claims read next are counted against them
+            counts = count_claims(self._ledger.tally(state.round), self.beats.beating)
+            passed = self._clock() >= deadline
+            accepted = counts.accepted + (counts.pending if passed else 0)
             outcome = round_outcome(
                 accepted,
                 wanted=plan.wanted,
                 min_reports=self.config.min_reports,
-                outstanding=len(state.tasks) - accepted - failed,
-                deadline_passed=self._clock() >= deadline,
+                outstanding=len(state.tasks) - accepted - counts.failed,
+                deadline_passed=passed,
             )
             if not isinstance(outcome, Wait):
                 return outcome
-            self._watch()
             self._dispatcher.pump(min(self.settings.poll_s, max(deadline - self._clock(), 0.0)))
             due = self._tasks.due_again(state, lambda: self._ledger.claims(state.round))
             if due and self._live is not None:
@@ -326,19 +338,13 @@ class ScaleoutCoordinator:
     def _watch(self) -> dict[int, list[str]]:
         """Fence every live worker whose beats stopped for ``lease_s``; re-send the current round's
         TASKs it had claimed but not flushed. Returns what was released, by round."""
-        now, released = self._clock(), dict[int, list[str]]()
-        for worker in self._ledger.workers():
-            if worker.status != "alive":
-                continue
-            seen = self._beats.get(worker.session)
-            if seen is None or seen[0] != worker.beats:
-                self._beats[worker.session] = (worker.beats, now)
-            elif now - seen[1] > self.settings.lease_s:
-                freed = self._ledger.fence(worker.session)
-                self.fenced.append(worker.session)
-                log.warning("worker %s missed its lease; fenced, releasing %s", worker.session, freed or "nothing")
-                for number, tasks in freed.items():
-                    released.setdefault(number, []).extend(tasks)
+        released = dict[int, list[str]]()
+        for session in self.beats.observe(self._ledger.workers(), self._clock()):
+            freed = self._ledger.fence(session)
+            self.fenced.append(session)
+            log.warning("worker %s missed its lease; fenced, releasing %s", session, freed or "nothing")
+            for number, tasks in freed.items():
+                released.setdefault(number, []).extend(tasks)
         if (live := self._live) is not None and (freed_now := released.get(live.state.round)):
             self._tasks.send(live, {task_id: live.state.tasks[task_id] for task_id in freed_now}, again=True)
         return released

@@ -4,7 +4,9 @@
 * a coordinator SIGKILLed mid-round is replaced by a new one that resumes the round: the
   updates flushed before count, the TASKs without a claim are sent again, the round completes;
 * a worker SIGKILLed mid-round: its flushed updates count, its unflushed ones are fenced and
-  re-obtained through re-sent TASKs (a second attempt, counted by another worker), nothing twice.
+  re-obtained through re-sent TASKs (a second attempt, counted by another worker), nothing twice
+  — even when the last agents answered before the fence, so that the dead worker's unflushed
+  claims once made the round look complete.
 
 Processes are forked before any MQTT client of the test exists; every process has its own MQTT
 client and its own PostgreSQL connection.
@@ -40,6 +42,8 @@ from tests.broker_server.persistence.conftest import postgres_server  # noqa: F4
 from tests.integration.test_scaleout import EXAMPLES, Fleet, wait_for
 
 SETTINGS = ScaleoutSettings(heartbeat_s=0.05, flush_interval_s=0.3, lease_s=1.0, poll_s=0.05, close_timeout_s=10.0)
+#: the dead worker's lease in the worker-crash test: long enough for the last agents to answer first
+LEASE_S = 4.0
 ALL = tuple(range(len(EXAMPLES)))
 
 
@@ -74,9 +78,13 @@ class Place:
 @pytest.fixture
 def place(mosquitto: Any, postgres_server: PostgresProcess) -> Place:  # noqa: F811
     prefix = f"sr{uuid.uuid4().hex[:6]}/v1"
-    return Place(
+    place = Place(
         mosquitto.url, postgres_server.conninfo("fedflock_test"), f"sr_{uuid.uuid4().hex[:12]}", Topics(prefix)
     )
+    # create the schema before the processes connect at once: two concurrent CREATE SCHEMA IF NOT
+    # EXISTS of one name can fail in PostgreSQL (a unique violation on pg_namespace)
+    place.store().close()
+    return place
 
 
 def _worker_process(place: Place, bundle: Bundle, settings: ScaleoutSettings) -> None:
@@ -174,14 +182,14 @@ class TaskSpy:
 class Coordinator:
     """A coordinator in a thread of the test (its results checked after :meth:`join`)."""
 
-    def __init__(self, place: Place, bundle: Bundle) -> None:
+    def __init__(self, place: Place, bundle: Bundle, settings: ScaleoutSettings = SETTINGS) -> None:
         self.store = place.store()
         self.coordinator = ScaleoutCoordinator(
             server_transport(place.url, f"{place.topics.prefix}-c2"),
             bundle,
             place.config(),
             store=self.store,
-            settings=SETTINGS,
+            settings=settings,
         )
         self.coordinator.start()
         self.results: list[RoundResult] = []
@@ -290,7 +298,7 @@ def test_a_killed_workers_flushed_updates_count_and_its_unflushed_ones_come_back
         ledger = ScaleoutLedger(store, clock=time.time)
         wait_for(lambda: any(w.worker_id == "wA" for w in ledger.workers()), 30, "worker A")
         fleet = Fleet(place.url, mlp_bundle, place.topics)
-        coordinator = Coordinator(place, mlp_bundle)
+        coordinator = Coordinator(place, mlp_bundle, replace(SETTINGS, lease_s=LEASE_S))
         survivor = None
         try:
             fleet.run(0, 1, 2)
@@ -298,6 +306,7 @@ def test_a_killed_workers_flushed_updates_count_and_its_unflushed_ones_come_back
             fleet.run(3, 4)  # A claims these two before its next flush, 3 s later
             wait_for(lambda: len(ledger.claims(1)) == 5, 10, "A's next 2 claims")
             kill(doomed)
+            killed_at = time.monotonic()
             claims = ledger.claims(1)
             session = {c.session for c in claims.values()}
             assert len(session) == 1 and sorted(c.flushed for c in claims.values()) == [False] * 2 + [True] * 3
@@ -305,13 +314,17 @@ def test_a_killed_workers_flushed_updates_count_and_its_unflushed_ones_come_back
             flushed = {tasks[f"so-{i}"] for i in (0, 1, 2)}
             unflushed = {tasks[f"so-{i}"] for i in (3, 4)}
             survivor = WorkerThread(place, mlp_bundle, "wB")
-            # the lease runs out while the round still collects (3 results outstanding): A is
-            # fenced, its 2 unflushed claims deleted and their TASKs sent again
-            wait_for(lambda: bool(coordinator.coordinator.fenced), 10, "worker A to be fenced")
-            fleet.run(5, 6, 7)
+            (dead,) = session
+            wait_for(lambda: dead not in coordinator.coordinator.beats.beating, 10, "A to miss 3 beats")
+            fleet.run(5, 6, 7)  # the last agents answer long before A's lease runs out
+            wait_for(lambda: len(ledger.claims(1)) == 8, 10, "B's 3 claims")
+            # 8 claims, 2 of them A's unflushed ones: they do not count, so the round still
+            # collects (it used to close here, lose them and be abandoned) until A is fenced,
+            # its 2 claims deleted and their TASKs sent again
+            assert time.monotonic() - killed_at < LEASE_S and not coordinator.coordinator.fenced
+            assert ledger.round_status(1) == "collecting"
             results = coordinator.join()
             check_counted_once(store, results)
-            (dead,) = session
             assert coordinator.coordinator.fenced == [dead] and coordinator.coordinator.resent == 2
             assert [w.status for w in ledger.workers() if w.session == dead] == ["fenced"]
             partials = {p.session: p.checkpoint.accepted for p in ledger.partials(1)}

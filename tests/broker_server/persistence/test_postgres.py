@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -71,3 +72,35 @@ def test_open_server_store_takes_a_postgresql_url(postgres_server: PostgresProce
         assert store.where.endswith("/fedflock_test#" + store.where.split("#")[1])
     finally:
         store.close()
+
+
+def _open_together(conninfo: str, schema: str, count: int) -> list[BaseException]:
+    """``count`` threads open the store on ``schema`` at the same instant; the errors they met."""
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+    stores: list[PostgresServerStore] = []
+
+    def open_store() -> None:
+        barrier.wait()
+        try:
+            stores.append(PostgresServerStore.open(conninfo, schema=schema))
+        except Exception as exc:  # collected and asserted by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for store in stores:
+        store.close()
+    return errors if len(stores) + len(errors) == count else [*errors, TimeoutError("a thread hung")]
+
+
+def test_processes_starting_together_on_a_new_schema_all_open_it(postgres_server: PostgresProcess) -> None:
+    # a coordinator and its workers start at once on a fresh schema: CREATE SCHEMA IF NOT EXISTS
+    # from two connections at the same moment can fail on pg_namespace (it did within the first
+    # few of 40 rounds before the schema was created under the migration lock)
+    conninfo = postgres_server.conninfo("fedflock_test")
+    for _ in range(20):
+        assert _open_together(conninfo, f"race_{uuid.uuid4().hex[:10]}", 6) == []
