@@ -31,7 +31,7 @@ from edge_agent.errors import ConfigError, StorageError
 from edge_agent.files import atomic_write
 from edge_agent.protocol.topics import validate_device_id
 
-__all__ = ["TokenBook", "TokenRecord", "TokenRefused", "parse_ttl", "token_digest"]
+__all__ = ["TokenBook", "TokenRecord", "TokenRefused", "new_token", "parse_ttl", "token_digest"]
 
 TOKEN_BYTES = 32
 MAX_TTL_S = 30 * 24 * 3600
@@ -80,7 +80,7 @@ class TokenBook:
 
     def issue(self, device_id: str, ttl_s: int) -> str:
         validate_device_id(device_id)
-        token = secrets.token_urlsafe(TOKEN_BYTES)
+        token = new_token()
         expires = self.clock() + datetime.timedelta(seconds=ttl_s)
         records = self._live(self._load())
         records[token_digest(token)] = TokenRecord(device_id=device_id, expires_at=expires.isoformat())
@@ -127,3 +127,12 @@ class TokenBook:
     def _save(self, records: dict[str, TokenRecord]) -> None:
         body = {"version": 1, "tokens": {d: asdict(r) for d, r in records.items()}}
         atomic_write(self.path, (json.dumps(body, indent=1) + "\n").encode(), 0o600)
+
+
+def new_token() -> str:
+    """``TOKEN_BYTES`` random bytes, URL-safe base64, never starting with ``-``: operators paste a
+    token after ``--token`` on a command line, where a leading dash reads as an option (argparse:
+    "expected one argument"). Redrawing keeps the token uniform over the allowed strings."""
+    while (token := secrets.token_urlsafe(TOKEN_BYTES)).startswith("-"):
+        pass
+    return token

@@ -217,3 +217,13 @@ def test_pki_crl_renew_on_the_command_line(tmp_path: Path, capsys: pytest.Captur
     # the enrollment endpoint's rate limits are checked before it binds anything
     assert main(["pki", "enroll-server", "--dir", pki, "--listen", "127.0.0.1:0", "--client-rate", "0"]) == 2
     assert "--client-rate must be a positive number" in capsys.readouterr().err
+
+
+def test_enrollment_tokens_never_start_with_a_dash() -> None:
+    # a token is pasted after --token on a command line: a leading "-" reads as an option there
+    # (1 in 64 URL-safe tokens would start with one)
+    from broker_server.pki.tokens import TOKEN_BYTES, new_token
+
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(token.startswith("-") for token in tokens)
+    assert len(set(tokens)) == 2000 and all(len(token) >= TOKEN_BYTES for token in tokens)
