@@ -36,12 +36,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from broker_server.secagg_config import SecAggSettings
-from broker_server.secagg_round import receive_ffsa, sender_index, task_fields
+from broker_server.secagg_round import receive_from_member, task_fields
 from edge_agent.errors import ContractViolation, SecAggAbort, SecAggError
 from edge_agent.protocol.manifest import TensorSpec
 from edge_agent.protocol.messages import SecAggMessage
-from edge_agent.protocol.secagg_messages import FFSA_HEADER_BYTES, SecAggTask, check_size
-from edge_agent.secagg import SecAggParams, SecAggServer, decode, ring_spec_for
+from edge_agent.protocol.secagg_messages import FFSA_HEADER_BYTES, SecAggTask
+from edge_agent.secagg import SecAggParams, SecAggServer, ring_spec_for
 from edge_agent.secagg.messages import Message as FFSAMessage
 from edge_agent.secagg.weighting import decode_weighted, session_length, unflatten
 
@@ -132,16 +132,9 @@ class BufferSession:
 
     def receive(self, message: SecAggMessage) -> None:
         """A device's message of this session; ContractViolation for one it cannot take."""
-        member = self.members.get(message.task_id)
-        if member is None or member[1] != message.device_id or message.round != self.round:
+        if message.round != self.round:
             raise ContractViolation(f"SECAGG from {message.device_id!r} for task {message.task_id!r} of another device")
-        check_size(message, self.inbound_limit)
-        decoded = decode(message.payload)
-        index = sender_index(decoded)
-        if index != member[0]:
-            raise ContractViolation(f"SECAGG {message.kind_name} names index {index}; this device is {member[0]}")
-        if receive_ffsa(self.server, decoded, message):
-            self.heard.add(index)
+        receive_from_member(self.members, self.server, self.heard, self.inbound_limit, message)
 
     def fail(self, task_id: str) -> None:
         """The member of ``task_id`` failed its task (ERROR): no phase waits for it."""

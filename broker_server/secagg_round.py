@@ -187,16 +187,7 @@ class SecAggRounds:
         session = self._session
         if session is None or message.session != session.params.session or message.round != session.round:
             raise ContractViolation(f"SECAGG {message.kind_name} for an unknown session (round {message.round})")
-        member = session.members.get(message.task_id)
-        if member is None or member[1] != message.device_id:
-            raise ContractViolation(f"SECAGG from {message.device_id!r} for task {message.task_id!r} of another device")
-        check_size(message, session.inbound_limit)
-        decoded = decode(message.payload)
-        index = sender_index(decoded)
-        if index != member[0]:
-            raise ContractViolation(f"SECAGG {message.kind_name} names index {index}; this device is {member[0]}")
-        if receive_ffsa(session.server, decoded, message):
-            session.heard.add(index)
+        receive_from_member(session.members, session.server, session.heard, session.inbound_limit, message)
 
     # -- the phases --------------------------------------------------------------------------------
     def collect(self, state: RoundState, *, deadline: float) -> SecAggOutcome | str:
@@ -310,6 +301,27 @@ def receive_ffsa(server: SecAggServer, decoded: FFSAMessage, message: SecAggMess
     except SecAggError as exc:  # a message for another phase: refused, the session goes on
         raise ContractViolation(f"SECAGG {message.kind_name} from {message.device_id}: {exc.reason}") from exc
     raise ContractViolation(f"{type(decoded).__name__} is not a device -> server message")
+
+
+def receive_from_member(
+    members: Mapping[str, tuple[int, str]],
+    server: SecAggServer,
+    heard: set[int],
+    inbound_limit: int,
+    message: SecAggMessage,
+) -> None:
+    """Hand a cohort member's SECAGG message to the session's ``server`` (sync round or buffer);
+    ContractViolation for another device's task, an oversize message or a wrong index."""
+    member = members.get(message.task_id)
+    if member is None or member[1] != message.device_id:
+        raise ContractViolation(f"SECAGG from {message.device_id!r} for task {message.task_id!r} of another device")
+    check_size(message, inbound_limit)
+    decoded = decode(message.payload)
+    index = sender_index(decoded)
+    if index != member[0]:
+        raise ContractViolation(f"SECAGG {message.kind_name} names index {index}; this device is {member[0]}")
+    if receive_ffsa(server, decoded, message):
+        heard.add(index)
 
 
 def task_fields(params: SecAggParams, index: int, weight_unit: float) -> SecAggTask:
